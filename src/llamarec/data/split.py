@@ -1,0 +1,40 @@
+"""Leave-one-out split: last item for test, second-last for validation, the rest for training."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+
+from llamarec.data.dataset import Dataset
+
+Split = Literal["val", "test"]
+
+
+def train_sequence(seq: np.ndarray) -> np.ndarray:
+    return seq[:-2]
+
+
+def history_and_target(seq: np.ndarray, split: Split) -> tuple[np.ndarray, int]:
+    """The history a model sees and the item it must find: validation predicts the
+    second-last item from the training part, test the last from everything before it."""
+    if split == "val":
+        return seq[:-2], int(seq[-2])
+    return seq[:-1], int(seq[-1])
+
+
+def eval_examples(ds: Dataset, split: Split) -> tuple[list[np.ndarray], np.ndarray]:
+    """Histories and targets of every user for ``split``."""
+    pairs = [history_and_target(s, split) for s in ds.sequences]
+    return [h for h, _ in pairs], np.array([t for _, t in pairs], dtype=np.int64)
+
+
+def pad_left(histories: list[np.ndarray] | list[list[int]], max_len: int) -> torch.Tensor:
+    """Right-align histories into a 0-padded ``[B, max_len]`` tensor, keeping the last items."""
+    out = torch.zeros(len(histories), max_len, dtype=torch.long)
+    for row, hist in enumerate(histories):
+        tail = np.asarray(hist, dtype=np.int64)[-max_len:]
+        if len(tail):
+            out[row, -len(tail):] = torch.from_numpy(tail)
+    return out

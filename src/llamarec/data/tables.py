@@ -1,0 +1,120 @@
+"""Reading raw tables with validation that names the file, line and column on bad input."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from llamarec.errors import LlamarecError
+
+
+@dataclass
+class RawData:
+    """What every loader returns: interactions ``user, item, time`` and item ``item, title``.
+
+    ``time`` orders a user's interactions (a Unix timestamp or a position); ids keep the
+    dataset's raw values as strings. ``source`` says where the files came from.
+    """
+
+    interactions: pd.DataFrame
+    items: pd.DataFrame
+    source: str
+
+
+def read_text(path: Path, encoding: str = "utf-8") -> str:
+    """Read a whole text file, turning a decoding error into a message with its line number."""
+    if not path.is_file():
+        raise LlamarecError(f"{path}: file not found")
+    data = path.read_bytes()
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise LlamarecError(
+            f"{path} line {line}: byte {data[exc.start]:#04x} is not valid {encoding}; "
+            f"expected {encoding}-encoded text"
+        ) from None
+    if not text.strip():
+        raise LlamarecError(f"{path}: file is empty")
+    return text
+
+
+def read_table(
+    path: Path,
+    columns: Sequence[str],
+    *,
+    sep: str = ",",
+    encoding: str = "utf-8",
+    names: Sequence[str] | None = None,
+    optional: Sequence[str] = (),
+) -> pd.DataFrame:
+    """Read a delimited file as strings and check that ``columns`` are present.
+
+    With ``names`` the file has no header and its columns are given positionally. The result
+    has a ``_line`` column holding each row's line number in the file, for error messages.
+    """
+    text = read_text(path, encoding)
+    try:
+        frame = pd.read_csv(
+            io.StringIO(text), sep=sep, dtype=str, keep_default_na=False,
+            header=None if names else 0, names=list(names) if names else None,
+            quoting=3 if sep == "\t" or sep == "|" else 0, engine="c",
+        )
+    except (pd.errors.ParserError, ValueError) as exc:
+        raise LlamarecError(f"{path}: cannot parse as a {sep!r}-separated table: {exc}") from None
+    frame.columns = [str(c).strip() for c in frame.columns]
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise LlamarecError(
+            f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(columns)}"
+            f"{' (and optionally ' + ', '.join(optional) + ')' if optional else ''}, "
+            f"found {', '.join(frame.columns)}"
+        )
+    if frame.empty:
+        raise LlamarecError(f"{path}: no data rows")
+    frame["_line"] = range(1 if names else 2, len(frame) + (1 if names else 2))
+    return frame
+
+
+def require_nonempty(frame: pd.DataFrame, column: str, path: Path) -> None:
+    """Every value of ``column`` must be a non-empty string."""
+    values = frame[column].str.strip()
+    bad = values == ""
+    if bad.any():
+        line = int(frame.loc[bad, "_line"].iloc[0])
+        raise LlamarecError(f"{path} line {line}: column {column!r} is empty; expected an id")
+    frame[column] = values
+
+
+def to_number(frame: pd.DataFrame, column: str, path: Path, *, integer: bool = False) -> pd.Series:
+    """Convert a column to numbers, naming the first line whose value is not one."""
+    values = pd.to_numeric(frame[column].str.strip(), errors="coerce")
+    bad = values.isna()
+    if integer:
+        bad |= values.notna() & (values % 1 != 0)
+    if bad.any():
+        row = frame.loc[bad].iloc[0]
+        kind = "an integer" if integer else "a number"
+        raise LlamarecError(
+            f"{path} line {int(row['_line'])}: column {column!r} has value {row[column]!r}; "
+            f"expected {kind}"
+        )
+    return values.astype("int64") if integer else values.astype("float64")
+
+
+def reject_duplicates(frame: pd.DataFrame, key: Sequence[str], path: Path, what: str) -> None:
+    """Raise on rows that repeat ``key``, naming both lines."""
+    dup = frame.duplicated(list(key), keep=False)
+    if dup.any():
+        rows = frame.loc[dup].sort_values([*key, "_line"])
+        first = rows.iloc[0]
+        same = rows[(rows[list(key)] == first[list(key)]).all(axis=1)]["_line"].tolist()
+        shown = ", ".join(f"{k}={first[k]!r}" for k in key)
+        raise LlamarecError(
+            f"{path} lines {same[0]} and {same[1]}: duplicate {what} ({shown}); "
+            f"expected each {what} once"
+        )

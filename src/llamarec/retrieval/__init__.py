@@ -1,0 +1,1 @@
+"""Stage 1 of LlamaRec: sequential recommenders that retrieve candidate items."""
