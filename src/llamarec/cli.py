@@ -64,6 +64,102 @@ def data_prepare(
     print_mapping(f"{dataset}", ds.stats(), as_json)
 
 
+retrieve_app = typer.Typer(help="Stage 1: train sequential retrievers and write candidates.",
+                           no_args_is_help=True)
+app.add_typer(retrieve_app, name="retrieve")
+
+
+def load_config_file(path: Path | None) -> dict:
+    """Read a YAML or JSON config file into a dict (empty when no file is given)."""
+    if path is None:
+        return {}
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise LlamarecError(f"{path}: cannot read config ({exc})") from None
+    if not isinstance(data, dict):
+        raise LlamarecError(f"{path}: expected a mapping of option names to values")
+    return data
+
+
+def validated(model_cls, values: dict, source: str):
+    """Build a pydantic config, turning validation errors into one line naming the field."""
+    from pydantic import ValidationError
+
+    try:
+        return model_cls.model_validate(values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "config"
+        raise LlamarecError(f"{source}: {field}: {err['msg']} (got {err.get('input')!r})") from None
+
+
+@retrieve_app.command("train")
+def retrieve_train(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to write.")],
+    dataset: Annotated[str | None, typer.Option("--dataset", "-d", help="Dataset name.")] = None,
+    data_dir: DataDirOpt = None,
+    model: Annotated[str | None, typer.Option(help="lru, sasrec, bert4rec or narm.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML/JSON file of training options.")] = None,
+    hidden: Annotated[int | None, typer.Option(help="Hidden size (64).")] = None,
+    n_blocks: Annotated[int | None, typer.Option(help="Number of blocks (2).")] = None,
+    dropout: Annotated[float | None, typer.Option(help="Dropout (0.2).")] = None,
+    attn_dropout: Annotated[float | None, typer.Option(help="Attention/recurrence dropout (0.2).")] = None,
+    max_len: Annotated[int | None, typer.Option(help="Max sequence length (200 ML, 50 Amazon).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size (16 ML, 64 Amazon).")] = None,
+    window_step: Annotated[int | None, typer.Option(help="Sliding-window stride (max_len).")] = None,
+    lr: Annotated[float | None, typer.Option(help="AdamW learning rate (1e-3).")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay (0.01).")] = None,
+    max_epochs: Annotated[int | None, typer.Option(help="Maximum epochs (500).")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Iterations between validations (500).")] = None,
+    patience: Annotated[int | None, typer.Option(help="Validations without improvement (20).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed (42).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train a retriever (resuming an interrupted run in OUT) and write OUT/metrics.json."""
+    from llamarec.retrieval.config import RetrievalConfig
+    from llamarec.retrieval.train import train_retriever
+
+    values = load_config_file(config)
+    given = {k: v for k, v in dict(
+        dataset=dataset, data_dir=data_dir, model=model, hidden=hidden, n_blocks=n_blocks,
+        dropout=dropout, attn_dropout=attn_dropout, max_len=max_len, batch_size=batch_size,
+        window_step=window_step, lr=lr, weight_decay=weight_decay, max_epochs=max_epochs,
+        eval_every=eval_every, patience=patience, seed=seed).items() if v is not None}
+    values.update(given)
+    if "dataset" not in values:
+        raise LlamarecError("retrieve train: --dataset is required (or `dataset:` in --config)")
+    cfg = validated(RetrievalConfig, values, str(config or "options"))
+    metrics = train_retriever(cfg, out)
+    summary = {f"test {k}": round(v, 4) for k, v in metrics["test"].items() if k.split("@")[1] in ("5", "10")}
+    summary.update(steps=metrics["steps"], best_step=metrics["best_step"], seconds=metrics["train_seconds"])
+    print_mapping(f"{cfg.model} on {cfg.dataset}", summary, as_json)
+
+
+@retrieve_app.command("candidates")
+def retrieve_candidates(
+    run: Annotated[Path, typer.Option("--run", help="Retriever run directory.")],
+    k: Annotated[int, typer.Option("--k", help="Candidates per user.")] = 20,
+    train_prefixes: Annotated[int, typer.Option(
+        help="Also score this many random training prefixes (hard negatives for the ranker).")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write RUN/candidates.safetensors (top-k items and scores per user) and candidates.json."""
+    from llamarec.retrieval.candidates import generate_candidates
+
+    summary = generate_candidates(run, k=k, train_prefixes=train_prefixes)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    rows = {f"{split} valid subset": f"{summary[split]['valid_subset']} / {summary[split]['users']}"
+            for split in ("val", "test")}
+    rows.update({f"test {m}": round(v, 4) for m, v in summary["test"]["metrics"].items()
+                 if m.endswith(("@10", "@20"))})
+    print_mapping(f"top-{k} candidates", rows, False)
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 1
     (set LLAMAREC_DEBUG=1 for the traceback)."""

@@ -34,7 +34,7 @@ def pad_left(histories: list[np.ndarray] | list[list[int]], max_len: int) -> tor
     """Right-align histories into a 0-padded ``[B, max_len]`` tensor, keeping the last items."""
     out = torch.zeros(len(histories), max_len, dtype=torch.long)
     for row, hist in enumerate(histories):
-        tail = np.asarray(hist, dtype=np.int64)[-max_len:]
+        tail = np.array(hist, dtype=np.int64)[-max_len:]
         if len(tail):
             out[row, -len(tail):] = torch.from_numpy(tail)
     return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .base import (
+    Dropout,
     FeedForward,
     RetrieverConfig,
     SelfAttention,
@@ -25,7 +26,7 @@ class SASRecBlock(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(config.hidden)
         self.attn = SelfAttention(config.hidden, config.n_heads, config.attn_dropout)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout)
         self.norm2 = nn.LayerNorm(config.hidden)
         self.ffn = FeedForward(config.hidden, config.hidden, nn.ReLU(), config.dropout)
 
@@ -39,7 +40,7 @@ class SASRec(SequentialRecommender):
     def __init__(self, config: RetrieverConfig) -> None:
         super().__init__(config)
         self.pos_emb = nn.Embedding(config.max_len, config.hidden)
-        self.emb_drop = nn.Dropout(config.dropout)
+        self.emb_drop = Dropout(config.dropout)
         self.blocks = nn.ModuleList(SASRecBlock(config) for _ in range(config.n_blocks))
         self.norm = nn.LayerNorm(config.hidden)
         self.apply(init_weights)

@@ -1,0 +1,51 @@
+"""Saving and restoring training state without pickle: tensors in safetensors, the rest in JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from llamarec.errors import LlamarecError
+from llamarec.io import atomic_path
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> None:
+    """Write tensors (made contiguous) to a safetensors file atomically, with JSON metadata."""
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                  metadata={"json": json.dumps(meta or {})})
+
+
+def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise LlamarecError(f"{path}: file not found")
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as fh:
+            meta = json.loads((fh.metadata() or {}).get("json", "{}"))
+    except Exception as exc:  # safetensors raises its own error types
+        raise LlamarecError(f"{path}: not a valid safetensors file ({exc})") from None
+    return tensors, meta
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Flatten an optimizer's state dict into named tensors plus JSON-able param groups."""
+    state = optimizer.state_dict()
+    tensors = {f"{idx}.{name}": torch.as_tensor(value)
+               for idx, slots in state["state"].items() for name, value in slots.items()}
+    return tensors, {"param_groups": state["param_groups"]}
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                      meta: dict) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})

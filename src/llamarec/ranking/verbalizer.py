@@ -1,0 +1,156 @@
+"""The verbalizer: next-token logits of the index letters, read after the prompt, are the scores.
+
+One forward pass per prompt and no generation: the LM head is applied to the last position only
+and the logits of the letter tokens A..T (in candidate order) are the candidates' ranking scores;
+a softmax over them gives probabilities.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from llamarec.errors import LlamarecError
+from llamarec.ranking.prompt import LETTERS, answer_token_id, encode
+
+
+def resolve_letter_ids(
+    tokenizer: PreTrainedTokenizerBase, prompt_text: str, n: int = len(LETTERS)
+) -> list[int]:
+    """Token ids of the first ``n`` letters exactly as they follow ``prompt_text``.
+
+    The ids depend on the context (e.g. "A" and " A" are different tokens), so they are
+    resolved after a real prompt of the template in use, never hard-coded. Raises
+    :class:`LlamarecError` if a letter is not exactly one extra token or two letters share one.
+    """
+    if not 1 <= n <= len(LETTERS):
+        raise LlamarecError(f"number of letters must be 1 to {len(LETTERS)}, got {n}")
+    ids = [answer_token_id(tokenizer, prompt_text, letter) for letter in LETTERS[:n]]
+    if len(set(ids)) != n:
+        tokens = tokenizer.convert_ids_to_tokens(ids)
+        raise LlamarecError(f"answer letters do not map to distinct tokens: {tokens!r}")
+    return ids
+
+
+def pad_batch(
+    sequences: Sequence[Sequence[int]], pad_id: int, side: str = "left"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token id lists to one length; returns ``(input_ids, attention_mask)``.
+
+    Scoring needs ``side="left"``: every sequence then ends at the last column, which is where
+    ``logits[:, -1]`` reads. With right padding the shorter prompts' last column is padding.
+    """
+    if side not in {"left", "right"}:
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    width = max(len(seq) for seq in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        cols = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
+        input_ids[row, cols] = torch.as_tensor(seq, dtype=torch.long)
+        attention_mask[row, cols] = 1
+    return input_ids, attention_mask
+
+
+def length_buckets(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (sorted by length), to waste little padding.
+
+    Callers write each batch's results back at these indices to restore the original order.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+class LetterScorer:
+    """Scores prompts by the next-token logits of the candidate letters.
+
+    ``letter_ids`` come from :func:`resolve_letter_ids` on a prompt of the same template;
+    ``score`` returns a ``[len(prompts), len(letter_ids)]`` float32 CPU tensor whose column ``j``
+    is the score of the candidate with letter ``LETTERS[j]``.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        letter_ids: Sequence[int],
+        batch_size: int = 8,
+    ):
+        if batch_size < 1:
+            raise LlamarecError(f"batch size must be at least 1, got {batch_size}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.letter_ids = list(letter_ids)
+        self.batch_size = batch_size
+
+    @torch.inference_mode()
+    def score(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Letter logits for each prompt, batched by length with left padding."""
+        encoded = [encode(self.tokenizer, p) for p in prompts]
+        scores = torch.empty((len(encoded), len(self.letter_ids)), dtype=torch.float32)
+        pad_id = self.tokenizer.pad_token_id
+        pad_id = 0 if pad_id is None else pad_id
+        device = next(self.model.parameters()).device
+        letters = torch.tensor(self.letter_ids, device=device)
+        for batch in length_buckets([len(ids) for ids in encoded], self.batch_size):
+            input_ids, attention_mask = pad_batch([encoded[i] for i in batch], pad_id)
+            # Positions count real tokens only, as in generation, so padding never shifts them.
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            logits = self.model(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                position_ids=position_ids.to(device),
+                logits_to_keep=1,
+            ).logits[:, -1]
+            scores[batch] = logits.index_select(-1, letters).float().cpu()
+        return scores
+
+    def probabilities(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Softmax of :meth:`score` over the letters: a distribution over the candidates."""
+        return self.score(prompts).softmax(-1)
+
+
+def seeded_orders(n: int, count: int, seed: int = 0) -> list[list[int]]:
+    """``count`` orders of ``n`` candidates: the identity first, then seeded random permutations.
+
+    ``order[j]`` is the original index of the candidate shown at position ``j``.
+    """
+    if count < 1:
+        raise ValueError(f"count must be at least 1, got {count}")
+    generator = torch.Generator().manual_seed(seed)
+    orders = [list(range(n))]
+    orders += [torch.randperm(n, generator=generator).tolist() for _ in range(count - 1)]
+    return orders
+
+
+def permutation_average(
+    score_fn: Callable[[list[list[int]]], torch.Tensor], orders: Sequence[Sequence[int]]
+) -> torch.Tensor:
+    """Average scores over several candidate orders, in the original candidate order.
+
+    ``score_fn(orders)`` must return a tensor ``[len(orders), ..., n]`` whose entry ``[k, ..., j]``
+    scores the candidate shown at position ``j`` under ``orders[k]`` (any middle dimensions,
+    such as a batch of users sharing the orders, are kept). Each row is mapped back so that
+    column ``i`` is original candidate ``i``, then rows are averaged: a bias that depends on the
+    position rather than the candidate is spread over all candidates. Raw logits are fine to
+    average: a per-prompt offset shifts all candidates of that prompt alike.
+    """
+    orders = [list(order) for order in orders]
+    if not orders:
+        raise ValueError("at least one order is needed")
+    n = len(orders[0])
+    for order in orders:
+        if sorted(order) != list(range(n)):
+            raise ValueError(f"not a permutation of range({n}): {order}")
+    scores = score_fn(orders)
+    if scores.shape[0] != len(orders) or scores.shape[-1] != n:
+        raise ValueError(
+            f"score_fn returned shape {tuple(scores.shape)}, expected ({len(orders)}, ..., {n})"
+        )
+    inverse = torch.argsort(torch.tensor(orders, device=scores.device), dim=-1)
+    aligned = [row.index_select(-1, inv) for row, inv in zip(scores, inverse, strict=True)]
+    return torch.stack(aligned).mean(dim=0)

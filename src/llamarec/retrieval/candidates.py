@@ -1,0 +1,110 @@
+"""Candidate generation: each user's top-k items from the retriever, stored compactly.
+
+For validation (history = training part) and test (history = training + validation) every
+user gets ``k`` items and scores, plus the full-ranking rank of the true item so that the
+paper's overall metrics can be computed later. On request, training prefixes get their top-k
+too (hard negatives for the ranker). Arrays are users x k, never users x all items.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llamarec.checkpoint import load_tensors, save_tensors
+from llamarec.data.split import eval_examples
+from llamarec.errors import LlamarecError
+from llamarec.io import write_json
+from llamarec.metrics import metrics_from_ranks
+from llamarec.retrieval.evaluate import evaluate_ranks, top_k
+from llamarec.retrieval.train import load_retriever
+
+CANDIDATES_FILE, SUMMARY_FILE = "candidates.safetensors", "candidates.json"
+
+
+@dataclass
+class Candidates:
+    """Top-k items per user for one split, the true items and their full-ranking ranks."""
+
+    items: np.ndarray  # [U, k] item ids, best first
+    scores: np.ndarray  # [U, k]
+    targets: np.ndarray  # [U]
+    ranks: np.ndarray  # [U] 0-based rank of the target among all items
+
+    @property
+    def k(self) -> int:
+        return self.items.shape[1]
+
+    def valid(self) -> np.ndarray:
+        """Mask of users whose target is among the candidates (the paper's valid subset)."""
+        return self.ranks < self.k
+
+
+def generate_candidates(run_dir: Path, k: int = 20, train_prefixes: int = 0, seed: int = 0) -> dict:
+    """Write ``candidates.safetensors`` and ``candidates.json`` into ``run_dir``.
+
+    ``train_prefixes`` > 0 also scores up to that many randomly chosen training prefixes
+    (history = the items before a training position, target = the item at it).
+    """
+    model, cfg, ds = load_retriever(run_dir)
+    if not 1 <= k <= ds.n_items:
+        raise LlamarecError(f"--k {k}: must be between 1 and the number of items ({ds.n_items})")
+    tensors: dict[str, torch.Tensor] = {}
+    summary: dict = {"k": k, "dataset": cfg.dataset, "model": cfg.model}
+    for split in ("val", "test"):
+        histories, targets = eval_examples(ds, split)
+        items, scores = top_k(model, histories, k, cfg.max_len, cfg.eval_batch_size)
+        ranks = evaluate_ranks(model, histories, targets, cfg.max_len, cfg.eval_batch_size)
+        cand = Candidates(items, scores, targets, ranks)
+        for name in ("items", "scores", "targets", "ranks"):
+            tensors[f"{split}.{name}"] = torch.from_numpy(np.ascontiguousarray(getattr(cand, name)))
+        summary[split] = {
+            "users": len(targets), "valid_subset": int(cand.valid().sum()),
+            "metrics": metrics_from_ranks(torch.from_numpy(ranks), (1, 5, 10, 20)),
+        }
+    if train_prefixes > 0:
+        users, positions = _sample_prefixes(ds.sequences, train_prefixes, seed)
+        histories = [ds.sequences[u][:p] for u, p in zip(users, positions)]
+        items, scores = top_k(model, histories, k, cfg.max_len, cfg.eval_batch_size)
+        targets = np.array([ds.sequences[u][p] for u, p in zip(users, positions)], dtype=np.int64)
+        for name, value in (("users", users), ("positions", positions), ("items", items),
+                            ("scores", scores), ("targets", targets)):
+            tensors[f"train.{name}"] = torch.from_numpy(np.ascontiguousarray(value))
+        summary["train"] = {"prefixes": len(users),
+                            "target_in_candidates": float((items == targets[:, None]).any(1).mean())}
+    save_tensors(run_dir / CANDIDATES_FILE, tensors)
+    write_json(run_dir / SUMMARY_FILE, summary)
+    return summary
+
+
+def _sample_prefixes(sequences: list[np.ndarray], n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Up to ``n`` (user, position) pairs drawn uniformly from all training positions >= 1."""
+    pairs = np.array([(u, p) for u, s in enumerate(sequences) for p in range(1, len(s) - 2)],
+                     dtype=np.int64).reshape(-1, 2)
+    rng = np.random.default_rng(seed)
+    if len(pairs) > n:
+        pairs = pairs[np.sort(rng.choice(len(pairs), n, replace=False))]
+    return pairs[:, 0], pairs[:, 1]
+
+
+def load_candidates(run_dir: Path, split: str) -> Candidates:
+    """Read one split (``val`` or ``test``) of a run's candidates."""
+    path = run_dir / CANDIDATES_FILE
+    if not path.is_file():
+        raise LlamarecError(f"{run_dir}: no candidates; run `llamarec retrieve candidates --run {run_dir}`")
+    tensors, _ = load_tensors(path)
+    return Candidates(*(tensors[f"{split}.{n}"].numpy() for n in ("items", "scores", "targets", "ranks")))
+
+
+def load_train_candidates(run_dir: Path) -> dict[str, np.ndarray]:
+    """Training-prefix candidates (``users, positions, items, scores, targets``), if generated."""
+    tensors, _ = load_tensors(run_dir / CANDIDATES_FILE)
+    if "train.items" not in tensors:
+        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+        raise LlamarecError(f"{run_dir}: candidates (k={summary['k']}) hold no training prefixes; "
+                            "rerun `llamarec retrieve candidates` with --train-prefixes N")
+    return {k.split(".", 1)[1]: v.numpy() for k, v in tensors.items() if k.startswith("train.")}

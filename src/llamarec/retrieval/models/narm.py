@@ -1,0 +1,62 @@
+"""NARM (Li et al., 2017): GRU encoder with a global and a local (attentive) representation.
+
+At step ``t`` the global representation is the GRU state ``h_t``; the local one is
+``sum_{j<=t} alpha_tj h_j`` with ``alpha_tj = v^T sigmoid(A1 h_t + A2 h_j)`` (unnormalised, as in
+the paper). The bilinear decoder ``emb_i^T B [h_t; c_t]`` is a projection to ``H`` followed by
+the shared dot-product ``scores``. Attention over all positions at once costs ``B*L*L*H`` memory.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .base import Dropout, RetrieverConfig, SequentialRecommender, init_weights, register_model
+
+
+@register_model("narm")
+class NARM(SequentialRecommender):
+    def __init__(self, config: RetrieverConfig) -> None:
+        super().__init__(config)
+        h = config.hidden
+        self.emb_drop = Dropout(config.dropout)
+        self.gru = nn.GRU(h, h, num_layers=1, batch_first=True)
+        self.a1 = nn.Linear(h, h, bias=False)
+        self.a2 = nn.Linear(h, h, bias=False)
+        self.v = nn.Linear(h, 1, bias=False)
+        self.ctx_drop = Dropout(config.dropout)
+        self.proj = nn.Linear(2 * h, h, bias=False)
+        self.apply(init_weights)
+
+    def _encode(self, items: Tensor) -> Tensor:
+        """GRU states ``[B, L, H]`` at each position, unaffected by the left padding.
+
+        Each row is rotated so its real items come first, run through the GRU (which is causal,
+        so the trailing padding cannot reach them) and rotated back.
+        """
+        b, length = items.shape
+        shift = length - (items != 0).sum(1, keepdim=True)
+        steps = torch.arange(length, device=items.device)
+        to_left = ((steps + shift) % length).unsqueeze(-1).expand(b, length, self.config.hidden)
+        to_right = ((steps - shift) % length).unsqueeze(-1).expand(b, length, self.config.hidden)
+        x = self.emb_drop(self.item_emb(items)).gather(1, to_left)
+        states, _ = self.gru(x)
+        return states.gather(1, to_right)
+
+    def _decode(self, states: Tensor, items: Tensor, start: int) -> Tensor:
+        """Outputs ``[B, L - start, H]`` for the queries at positions ``start..L-1``."""
+        length = items.shape[1]
+        queries = states[:, start:]
+        keys = torch.arange(length, device=items.device)
+        allowed = (keys <= keys[start:, None]) & (items != 0)[:, None, :]  # [B, Lq, L]
+        pre = self.a1(queries).unsqueeze(2) + self.a2(states).unsqueeze(1)  # [B, Lq, L, H]
+        alpha = self.v(torch.sigmoid(pre)).squeeze(-1) * allowed
+        local = alpha @ states
+        return self.proj(self.ctx_drop(torch.cat([queries, local], dim=-1)))
+
+    def forward(self, items: Tensor) -> Tensor:
+        return self._decode(self._encode(items), items, 0)
+
+    def last_hidden(self, history: Tensor) -> Tensor:
+        """Only the last query attends, which avoids the ``L x L`` attention at inference."""
+        return self._decode(self._encode(history), history, history.shape[1] - 1)[:, 0]

@@ -1,0 +1,181 @@
+"""Training a retriever with the paper's protocol: full-softmax cross-entropy on sliding windows,
+AdamW, validation every N iterations with exactly the test protocol, early stopping, resume."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from llamarec.checkpoint import load_tensors, optimizer_tensors, restore_optimizer, save_tensors
+from llamarec.data import Dataset, load_dataset
+from llamarec.data.split import eval_examples, train_sequence
+from llamarec.errors import LlamarecError
+from llamarec.io import write_json
+from llamarec.retrieval.config import RetrievalConfig
+from llamarec.retrieval.evaluate import evaluate
+from llamarec.retrieval.models import RetrieverConfig, SequentialRecommender, build_model
+from llamarec.retrieval.windows import training_windows
+
+CONFIG_FILE, MODEL_FILE, METRICS_FILE = "config.json", "model.safetensors", "metrics.json"
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved as JSON beside the last checkpoint."""
+
+    epoch: int = 0
+    batch: int = 0  # next batch within the epoch
+    step: int = 0
+    best: float = -1.0
+    best_step: int = 0
+    bad_evals: int = 0
+    seconds: float = 0.0
+    history: list[dict] = field(default_factory=list)
+    finished: bool = False
+
+
+def model_config(cfg: RetrievalConfig, n_items: int) -> RetrieverConfig:
+    return RetrieverConfig(n_items=n_items, max_len=cfg.max_len, hidden=cfg.hidden,
+                           n_blocks=cfg.n_blocks, n_heads=cfg.n_heads, dropout=cfg.dropout,
+                           attn_dropout=cfg.attn_dropout, mask_prob=cfg.mask_prob)
+
+
+def load_retriever(run_dir: Path) -> tuple[SequentialRecommender, RetrievalConfig, Dataset]:
+    """The best model of a finished (or running) retriever run, with its config and dataset."""
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise LlamarecError(f"{run_dir}: not a retriever run ({CONFIG_FILE} missing)")
+    cfg = RetrievalConfig.model_validate(json.loads(path.read_text())["train"])
+    ds = load_dataset(cfg.dataset, cfg.data_dir, min_uc=cfg.min_uc, min_sc=cfg.min_sc)
+    model = build_model(cfg.model, model_config(cfg, ds.n_items))
+    tensors, _ = load_tensors(run_dir / MODEL_FILE)
+    model.load_state_dict(tensors)
+    return model.eval(), cfg, ds
+
+
+class Trainer:
+    def __init__(self, cfg: RetrievalConfig, out: Path, progress: bool = True) -> None:
+        self.cfg, self.out, self.progress = cfg, out, progress
+        self.ds = load_dataset(cfg.dataset, cfg.data_dir, min_uc=cfg.min_uc, min_sc=cfg.min_sc)
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg.model, model_config(cfg, self.ds.n_items))
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr,
+                                           weight_decay=cfg.weight_decay)
+        train_seqs = [train_sequence(s) for s in self.ds.sequences]
+        self.windows = torch.from_numpy(training_windows(train_seqs, cfg.max_len, cfg.window_step))
+        self.val = eval_examples(self.ds, "val")
+        self.mask_rng = torch.Generator().manual_seed(cfg.seed)
+        self.state = TrainState()
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _check_config(self) -> None:
+        path = self.out / CONFIG_FILE
+        saved = json.loads(path.read_text())["train"] if path.is_file() else None
+        current = json.loads(self.cfg.model_dump_json())
+        if saved is not None and saved != current:
+            diff = sorted(k for k in current if saved.get(k) != current[k])
+            raise LlamarecError(f"{self.out}: holds a run with a different config ({', '.join(diff)}); "
+                                "use another --out or --force")
+        write_json(path, {"train": current, "model": model_config(self.cfg, self.ds.n_items).to_dict(),
+                          "data": self.ds.stats()})
+
+    def _save_last(self) -> None:
+        last = self.out / "last"
+        opt_tensors, opt_meta = optimizer_tensors(self.optimizer)
+        save_tensors(last / "model.safetensors", self.model.state_dict())
+        rng = {"torch": torch.get_rng_state(), "mask": self.mask_rng.get_state()}
+        save_tensors(last / "optimizer.safetensors", {**opt_tensors, **{f"rng.{k}": v for k, v in rng.items()}},
+                     opt_meta)
+        write_json(last / "state.json", self.state.__dict__)
+
+    def _resume(self) -> bool:
+        last = self.out / "last"
+        if not (last / "state.json").is_file():
+            return False
+        self.state = TrainState(**json.loads((last / "state.json").read_text()))
+        self.model.load_state_dict(load_tensors(last / "model.safetensors")[0])
+        tensors, meta = load_tensors(last / "optimizer.safetensors")
+        torch.set_rng_state(tensors.pop("rng.torch"))
+        self.mask_rng.set_state(tensors.pop("rng.mask"))
+        restore_optimizer(self.optimizer, tensors, meta)
+        return True
+
+    # -- loop ----------------------------------------------------------------------------------
+    def _validate(self, bar: tqdm | None) -> bool:
+        """Validate, keep the best model; returns True when early stopping triggers."""
+        metrics = evaluate(self.model, *self.val, self.cfg.max_len, self.cfg.eval_batch_size)
+        value = metrics[self.cfg.metric]
+        st = self.state
+        st.history.append({"step": st.step, "epoch": st.epoch, **metrics})
+        if value > st.best:
+            st.best, st.best_step, st.bad_evals = value, st.step, 0
+            save_tensors(self.out / MODEL_FILE, self.model.state_dict(), {"step": st.step})
+        else:
+            st.bad_evals += 1
+        if bar is not None:
+            bar.set_postfix_str(f"epoch {st.epoch} val {self.cfg.metric} {value:.4f} best {st.best:.4f}")
+        return st.bad_evals >= self.cfg.patience
+
+    def run(self) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._check_config()
+        resumed = self._resume()
+        st, cfg = self.state, self.cfg
+        n = len(self.windows)
+        n_batches = (n + cfg.batch_size - 1) // cfg.batch_size
+        bar = tqdm(total=cfg.max_epochs * n_batches, initial=st.epoch * n_batches + st.batch,
+                   desc=f"{cfg.model} on {cfg.dataset}" + (" (resumed)" if resumed else ""),
+                   disable=not self.progress, dynamic_ncols=True)
+        stop, started, loss_ema = st.finished, time.perf_counter() - st.seconds, None
+        self.model.train()
+        while not stop and st.epoch < cfg.max_epochs:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + st.epoch))
+            while st.batch < n_batches and not stop:
+                idx = order[st.batch * cfg.batch_size:(st.batch + 1) * cfg.batch_size]
+                inputs, labels = self.model.training_batch(self.windows[idx], self.mask_rng)
+                loss = self.model.loss(inputs, labels)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                st.batch += 1
+                st.step += 1
+                loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
+                bar.update(1)
+                if st.step % 10 == 0:
+                    bar.set_description(f"{cfg.model} on {cfg.dataset} loss {loss_ema:.3f}")
+                if st.step % cfg.eval_every == 0:
+                    stop = self._validate(bar)
+                    st.seconds = time.perf_counter() - started
+                    self._save_last()
+            if st.batch >= n_batches:
+                st.epoch, st.batch = st.epoch + 1, 0
+        bar.close()
+        if st.best_step == 0 and not st.history:
+            self._validate(None)  # too short a run to reach eval_every: validate once at the end
+        st.finished = True
+        st.seconds = time.perf_counter() - started
+        self._save_last()
+        return self._final_metrics()
+
+    def _final_metrics(self) -> dict:
+        self.model.load_state_dict(load_tensors(self.out / MODEL_FILE)[0])
+        val = evaluate(self.model, *self.val, self.cfg.max_len, self.cfg.eval_batch_size)
+        test = evaluate(self.model, *eval_examples(self.ds, "test"), self.cfg.max_len,
+                        self.cfg.eval_batch_size)
+        st = self.state
+        n_batches = (len(self.windows) + self.cfg.batch_size - 1) // self.cfg.batch_size
+        metrics = {"val": val, "test": test, "best_step": st.best_step, "steps": st.step,
+                   "epochs": round(st.step / n_batches, 2), "train_seconds": round(st.seconds, 1),
+                   "history": st.history}
+        write_json(self.out / METRICS_FILE, metrics)
+        return metrics
+
+
+def train_retriever(cfg: RetrievalConfig, out: Path, progress: bool = True) -> dict:
+    """Train (or resume, or just re-read) the run in ``out`` and return its metrics."""
+    return Trainer(cfg, out, progress).run()
