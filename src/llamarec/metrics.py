@@ -14,7 +14,10 @@ DEFAULT_KS = (1, 5, 10, 20)
 
 
 def target_ranks(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """0-based rank of ``labels[b]`` in ``scores[b]`` (``[B, N]``), ties counted against it."""
+    """0-based rank of ``labels[b]`` in ``scores[b]`` (``[B, N]``), ties counted against it.
+
+    A NaN score counts as -inf, so a NaN target ranks last instead of getting rank -1."""
+    scores = torch.where(scores.isnan(), float("-inf"), scores)
     target = scores.gather(1, labels.view(-1, 1).long())
     above = (scores > target).sum(1)
     ties = (scores == target).sum(1) - 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,8 @@ from pathlib import Path
 import pandas as pd
 
 from llamarec.errors import LlamarecError
+
+_LEADING_BLANK_LINES = re.compile(r"(?:[ \t]*\r?\n)*")
 
 
 @dataclass
@@ -58,14 +61,18 @@ def read_table(
     has a ``_line`` column holding each row's line number in the file, for error messages.
     """
     text = read_text(path, encoding)
+    # Blank lines are read as rows (dropped below) so that line numbers can be counted exactly.
+    lead = _LEADING_BLANK_LINES.match(text).end()
     try:
         frame = pd.read_csv(
-            io.StringIO(text), sep=sep, dtype=str, keep_default_na=False,
+            io.StringIO(text[lead:]), sep=sep, dtype=str, keep_default_na=False,
             header=None if names else 0, names=list(names) if names else None,
-            quoting=3 if sep == "\t" or sep == "|" else 0, engine="c",
+            quoting=3 if sep == "\t" or sep == "|" else 0, engine="c", skip_blank_lines=False,
         )
     except (pd.errors.ParserError, ValueError) as exc:
-        raise LlamarecError(f"{path}: cannot parse as a {sep!r}-separated table: {exc}") from None
+        raise LlamarecError(
+            f"{path}: cannot parse as a {sep!r}-separated table: {str(exc).strip()}"
+        ) from None
     frame.columns = [str(c).strip() for c in frame.columns]
     missing = [c for c in columns if c not in frame.columns]
     if missing:
@@ -74,9 +81,17 @@ def read_table(
             f"{' (and optionally ' + ', '.join(optional) + ')' if optional else ''}, "
             f"found {', '.join(frame.columns)}"
         )
+    # A row starts one line after the previous row ends; a quoted field may span several lines.
+    first = text[:lead].count("\n") + (1 if names else 2)
+    spans = 1 + frame.apply(lambda col: col.str.count("\n")).fillna(0).sum(axis=1).astype("int64")
+    frame["_line"] = first + spans.cumsum() - spans
+    empty = (frame.drop(columns="_line").apply(lambda col: col.str.strip()) == "").all(axis=1)
+    if empty.any():  # rows of blank lines go; a row like ",," is data and is checked later
+        lines = text.split("\n")
+        blank = frame.loc[empty, "_line"].map(lambda n: n > len(lines) or not lines[n - 1].strip())
+        frame = frame.drop(index=blank.index[blank]).reset_index(drop=True)
     if frame.empty:
         raise LlamarecError(f"{path}: no data rows")
-    frame["_line"] = range(1 if names else 2, len(frame) + (1 if names else 2))
     return frame
 
 

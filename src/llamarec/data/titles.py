@@ -37,5 +37,7 @@ def movielens_title(title: str) -> str:
 
 
 def is_missing_title(title: object) -> bool:
-    """True for absent titles and dataset placeholders such as ml-100k's "unknown"."""
-    return not isinstance(title, str) or title.strip().lower() in PLACEHOLDER_TITLES
+    """True for absent titles, dataset placeholders such as ml-100k's "unknown", and titles
+    that cleaning would leave empty (only control characters or entities such as ``&nbsp;``)."""
+    return (not isinstance(title, str)
+            or clean_title(title, unescape_html=True).lower() in PLACEHOLDER_TITLES)
