@@ -28,6 +28,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     BitsAndBytesConfig,
+    GgufConfig,
     PreTrainedTokenizerBase,
 )
 
@@ -230,17 +231,27 @@ def load_llm(
 
     ``model``: see :func:`resolve_model`. ``dtype``: ``"auto"`` (see :func:`resolve_dtype`),
     ``"float32"``, ``"bfloat16"`` or ``"float16"``. ``device``: see :func:`resolve_device`.
-    ``load_in_4bit``: NF4 quantisation with bitsandbytes (CUDA only). GGUF weights are
-    dequantised to ``dtype`` on load.
+    ``load_in_4bit``: NF4 quantisation with bitsandbytes (CUDA only, not for GGUF files).
+    GGUF weights are always unpacked to dense ``dtype`` layers on load (a plain, trainable
+    model), never kept in GGUF blocks.
     """
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target)
+    quantization = _quantization_config(target) if load_in_4bit else None
+    source = resolve_model(model, gguf_file)
+    if source.gguf_file is not None:
+        if load_in_4bit:
+            raise LlamarecError(
+                f"load_in_4bit needs a Hugging Face checkpoint, not the GGUF file "
+                f"{source.gguf_file}; pass a hub id or a model directory"
+            )
+        # Unpacked into plain dense layers, so LoRA can wrap them and the model can be trained.
+        quantization = GgufConfig(dequantize=True)
     kwargs: dict = {"dtype": torch_dtype, "device_map": str(target)}
-    if load_in_4bit:
-        kwargs["quantization_config"] = _quantization_config(target)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    source = resolve_model(model, gguf_file)
     tokenizer = load_tokenizer(source)
     try:
         llm = AutoModelForCausalLM.from_pretrained(

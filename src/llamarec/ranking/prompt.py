@@ -24,6 +24,7 @@ import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 from pydantic import (
@@ -34,9 +35,11 @@ from pydantic import (
     ValidationInfo,
     field_validator,
 )
-from transformers import PreTrainedTokenizerBase
 
 from llamarec.errors import LlamarecError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 LETTERS = "ABCDEFGHIJKLMNOPQRST"
 """Index letters of the candidates, in order; the candidate pool holds at most 20 items."""

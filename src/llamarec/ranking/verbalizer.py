@@ -8,12 +8,15 @@ a softmax over them gives probabilities.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from llamarec.errors import LlamarecError
 from llamarec.ranking.prompt import LETTERS, answer_token_id, encode
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def resolve_letter_ids(
@@ -65,6 +68,27 @@ def length_buckets(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def next_token_logits(
+    model: torch.nn.Module, sequences: Sequence[Sequence[int]], pad_id: int
+) -> torch.Tensor:
+    """``[len(sequences), vocab]`` logits of the token that follows each sequence.
+
+    One forward pass over the left-padded batch, with positions counting real tokens only (as
+    in generation, so padding never shifts them) and the LM head applied to the last position
+    only (``logits_to_keep=1``). Not wrapped in inference mode, so training can use it too.
+    """
+    input_ids, attention_mask = pad_batch(sequences, pad_id)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    device = next(model.parameters()).device
+    output = model(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        position_ids=position_ids.to(device),
+        logits_to_keep=1,
+    )
+    return output.logits[:, -1]
+
+
 class LetterScorer:
     """Scores prompts by the next-token logits of the candidate letters.
 
@@ -87,26 +111,27 @@ class LetterScorer:
         self.letter_ids = list(letter_ids)
         self.batch_size = batch_size
 
-    @torch.inference_mode()
     def score(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Letter logits for each prompt, batched by length with left padding."""
+        """Letter logits for each prompt, batched by length with left padding.
+
+        The model runs in eval mode (no dropout) and is put back in its previous mode after.
+        """
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self._score(prompts)
+        finally:
+            self.model.train(was_training)
+
+    @torch.inference_mode()
+    def _score(self, prompts: Sequence[str]) -> torch.Tensor:
         encoded = [encode(self.tokenizer, p) for p in prompts]
         scores = torch.empty((len(encoded), len(self.letter_ids)), dtype=torch.float32)
         pad_id = self.tokenizer.pad_token_id
         pad_id = 0 if pad_id is None else pad_id
-        device = next(self.model.parameters()).device
-        letters = torch.tensor(self.letter_ids, device=device)
         for batch in length_buckets([len(ids) for ids in encoded], self.batch_size):
-            input_ids, attention_mask = pad_batch([encoded[i] for i in batch], pad_id)
-            # Positions count real tokens only, as in generation, so padding never shifts them.
-            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-            logits = self.model(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                position_ids=position_ids.to(device),
-                logits_to_keep=1,
-            ).logits[:, -1]
-            scores[batch] = logits.index_select(-1, letters).float().cpu()
+            logits = next_token_logits(self.model, [encoded[i] for i in batch], pad_id)
+            scores[batch] = logits[:, self.letter_ids].float().cpu()
         return scores
 
     def probabilities(self, prompts: Sequence[str]) -> torch.Tensor:
