@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from llamarec.errors import LlamarecError
 
@@ -36,8 +37,7 @@ class RetrieverConfig:
             )
         if self.n_heads < 1 or self.hidden % self.n_heads:
             raise LlamarecError(
-                f"retriever config: hidden ({self.hidden}) must be a multiple of "
-                f"n_heads ({self.n_heads})"
+                f"retriever config: hidden ({self.hidden}) must be a multiple of n_heads ({self.n_heads})"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -72,14 +72,12 @@ def register_model(
 
 def build_model(name: str, config: RetrieverConfig) -> SequentialRecommender:
     if name not in MODELS:
-        raise LlamarecError(
-            f"unknown retrieval model {name!r}; expected one of {', '.join(sorted(MODELS))}"
-        )
+        raise LlamarecError(f"unknown retrieval model {name!r}; expected one of {', '.join(sorted(MODELS))}")
     return MODELS[name](config)
 
 
 class SequentialRecommender(nn.Module):
-    """Base class. Subclasses implement ``forward(items) -> [B, L, H]`` and call
+    """Base class. Subclasses implement ``forward(items) -> [B, L, H]`` and usually call
     ``self.apply(init_weights)`` at the end of ``__init__``."""
 
     n_special_tokens = 0  # extra embedding rows after the real items (BERT4Rec's mask token)
@@ -112,8 +110,9 @@ class SequentialRecommender(nn.Module):
             return hidden.sum() * 0.0
         n = self.config.n_items
         # Logits only at labelled positions and only for real items (no padding column).
-        logits = F.linear(hidden[target], self.item_emb.weight[1 : n + 1], self.item_bias[1:])
-        return F.cross_entropy(logits, labels[target] - 1)
+        return LinearCrossEntropy.apply(
+            hidden[target], self.item_emb.weight[1 : n + 1], self.item_bias[1:], labels[target] - 1
+        )
 
     def last_hidden(self, history: Tensor) -> Tensor:
         """Hidden state that predicts the item following ``history [B, L]``."""
@@ -121,6 +120,31 @@ class SequentialRecommender(nn.Module):
 
     def score_last(self, history: Tensor) -> Tensor:
         return self.scores(self.last_hidden(history))
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """``F.cross_entropy(F.linear(hidden, weight, bias), target)`` (mean), fused.
+
+    The full softmax over every item dominates a training step. Autograd's version makes about
+    twice as many passes over the ``[M, n_items]`` logits; this one saves the logits and turns
+    them into ``softmax - one_hot`` in backward. Not autocast-aware: use float32 inputs.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor, target: Tensor) -> Tensor:
+        logits = torch.addmm(bias, hidden, weight.T)
+        lse = torch.logsumexp(logits, dim=1)
+        ctx.save_for_backward(hidden, weight, target, logits, lse)
+        return (lse - logits.gather(1, target[:, None]).squeeze(1)).mean()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
+        hidden, weight, target, logits, lse = ctx.saved_tensors
+        dlogits = torch.sub(logits, lse[:, None]).exp_()
+        dlogits[torch.arange(len(target), device=target.device), target] -= 1
+        scale = grad / len(target)  # scale the small products, not the big matrix
+        return (dlogits @ weight) * scale, (dlogits.T @ hidden) * scale, dlogits.sum(0) * scale, None
 
 
 def init_weights(module: nn.Module) -> None:

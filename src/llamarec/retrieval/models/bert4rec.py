@@ -67,9 +67,9 @@ class BERT4Rec(SequentialRecommender):
     ) -> tuple[Tensor, Tensor]:
         """Cloze masking of ``window[:, 1:]``: each real item is masked with prob ``mask_prob``.
 
-        To match inference (mask at the end), a further ``mask_prob`` fraction of rows mask only
-        their last item (the paper's extra "mask the last item" samples), and a row that drew no
-        mask at all gets its last item masked, so every non-empty row yields a loss term.
+        To match inference (mask at the end), a row instead masks only its last item with
+        probability ``mask_prob`` (the paper's extra "mask the last item" samples), and a row that
+        drew no mask at all gets its last item masked, so every non-empty row yields a loss term.
         Labels are the original items at masked positions and 0 elsewhere.
         """
         items = window[:, 1:]

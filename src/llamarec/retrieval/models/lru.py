@@ -135,9 +135,7 @@ class LRURec(SequentialRecommender):
         super().__init__(config)
         self.emb_norm = nn.LayerNorm(config.hidden)
         self.emb_drop = Dropout(config.dropout)
-        self.blocks = nn.ModuleList(
-            LRUBlock(config.hidden, config.dropout) for _ in range(config.n_blocks)
-        )
+        self.blocks = nn.ModuleList(LRUBlock(config.hidden, config.dropout) for _ in range(config.n_blocks))
         self.apply(init_weights)
 
     def forward(self, items: Tensor) -> Tensor:

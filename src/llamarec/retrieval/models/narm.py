@@ -4,6 +4,9 @@ At step ``t`` the global representation is the GRU state ``h_t``; the local one 
 ``sum_{j<=t} alpha_tj h_j`` with ``alpha_tj = v^T sigmoid(A1 h_t + A2 h_j)`` (unnormalised, as in
 the paper). The bilinear decoder ``emb_i^T B [h_t; c_t]`` is a projection to ``H`` followed by
 the shared dot-product ``scores``. Attention over all positions at once costs ``B*L*L*H`` memory.
+
+Unlike the transformer models this keeps torch's default initialisation (unit-variance item
+embeddings): with BERT's std-0.02 embeddings the GRU input is tiny and training stalls.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Dropout, RetrieverConfig, SequentialRecommender, init_weights, register_model
+from .base import Dropout, RetrieverConfig, SequentialRecommender, register_model
 
 
 @register_model("narm")
@@ -26,13 +29,12 @@ class NARM(SequentialRecommender):
         self.v = nn.Linear(h, 1, bias=False)
         self.ctx_drop = Dropout(config.dropout)
         self.proj = nn.Linear(2 * h, h, bias=False)
-        self.apply(init_weights)
 
     def _encode(self, items: Tensor) -> Tensor:
         """GRU states ``[B, L, H]`` at each position, unaffected by the left padding.
 
         Each row is rotated so its real items come first, run through the GRU (which is causal,
-        so the trailing padding cannot reach them) and rotated back.
+        so the trailing padding cannot reach them) and rotated back. Padding positions get 0.
         """
         b, length = items.shape
         shift = length - (items != 0).sum(1, keepdim=True)
@@ -41,7 +43,9 @@ class NARM(SequentialRecommender):
         to_right = ((steps - shift) % length).unsqueeze(-1).expand(b, length, self.config.hidden)
         x = self.emb_drop(self.item_emb(items)).gather(1, to_left)
         states, _ = self.gru(x)
-        return states.gather(1, to_right)
+        # Rotated back, padding positions hold states computed after the whole sequence: zero
+        # them, or a padding input whose label is the first item would see the future.
+        return states.gather(1, to_right) * (items != 0).unsqueeze(-1)
 
     def _decode(self, states: Tensor, items: Tensor, start: int) -> Tensor:
         """Outputs ``[B, L - start, H]`` for the queries at positions ``start..L-1``."""
