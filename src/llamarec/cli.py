@@ -160,6 +160,78 @@ def retrieve_candidates(
     print_mapping(f"top-{k} candidates", rows, False)
 
 
+rank_app = typer.Typer(help="Stage 2: fine-tune and evaluate the LLM ranker.", no_args_is_help=True)
+app.add_typer(rank_app, name="rank")
+
+
+@rank_app.command("train")
+def rank_train(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Ranker run directory to write.")],
+    retriever: Annotated[Path | None, typer.Option(help="Retriever run directory (with candidates).")] = None,
+    model: Annotated[str | None, typer.Option(help="Hub id or local dir; default SmolLM2-135M-Instruct.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML/JSON file of ranker options.")] = None,
+    examples: Annotated[str | None, typer.Option(help="hard (retriever negatives) or paper (random).")] = None,
+    max_examples: Annotated[int | None, typer.Option(help="Training examples (1000).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Examples per forward pass (4).")] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="Gradient accumulation steps (1).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (1e-4).")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Optimizer steps between validations (100).")] = None,
+    val_users: Annotated[int | None, typer.Option(help="Validation users per validation (100).")] = None,
+    load_in_4bit: Annotated[bool | None, typer.Option(help="QLoRA: 4-bit NF4 base model (CUDA).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16 or float16.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, mps.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fine-tune the ranker with LoRA (resuming an interrupted run in OUT)."""
+    from llamarec.ranking.config import RankConfig
+    from llamarec.ranking.finetune import finetune_ranker
+
+    values = load_config_file(config)
+    values.update({k: v for k, v in dict(
+        retriever=retriever, model=model, examples=examples, max_examples=max_examples,
+        batch_size=batch_size, grad_accum=grad_accum, lr=lr, eval_every=eval_every, val_users=val_users,
+        load_in_4bit=load_in_4bit, dtype=dtype, device=device).items() if v is not None})
+    if "retriever" not in values:
+        raise LlamarecError("rank train: --retriever is required (or `retriever:` in --config)")
+    cfg = validated(RankConfig, values, str(config or "options"))
+    metrics = finetune_ranker(cfg, out)
+    summary = {"best val NDCG@10": round(metrics["best_val_NDCG@10"], 4),
+               "zero-shot val NDCG@10": round(metrics["history"][0]["NDCG@10"], 4),
+               "best step": metrics["best_step"], "steps": metrics["steps"], "seconds": metrics["train_seconds"]}
+    print_mapping("ranker fine-tuning", summary, as_json)
+
+
+@rank_app.command("evaluate")
+def rank_evaluate(
+    ranker: Annotated[Path, typer.Option("--ranker", help="Ranker run directory.")],
+    zero_shot: Annotated[bool, typer.Option("--zero-shot", help="Base model, no adapter.")] = False,
+    order: Annotated[str, typer.Option(
+        help="Candidate order: retriever (paper), shuffled, or average over permutations.")] = "retriever",
+    permutations: Annotated[int, typer.Option(help="Orders averaged with --order average.")] = 3,
+    limit: Annotated[int | None, typer.Option(help="Evaluate at most this many valid users per split.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output directory (default inside RANKER).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Evaluate ranker vs retriever (valid subset and overall, with fusion) and write metrics.json."""
+    from llamarec.ranking.evaluate import evaluate_ranker
+
+    if order not in ("retriever", "shuffled", "average"):
+        raise LlamarecError(f"--order {order!r}: expected retriever, shuffled or average")
+    results = evaluate_ranker(ranker, zero_shot=zero_shot, order=order, permutations=permutations,
+                              limit=limit, out=out)
+    if as_json:
+        print(json.dumps(results, indent=2))
+        return
+    table = Table("view", "method", "NDCG@5", "NDCG@10", "Recall@5", "Recall@10", "MRR@10",
+                  title=f"test ({results['test']['valid_subset_users']} valid of {results['test']['users']} users)")
+    for view in ("valid_subset", "overall"):
+        for method, m in results["test"][view].items():
+            table.add_row(view, method, *(f"{m[k]:.4f}" for k in
+                                          ("NDCG@5", "NDCG@10", "Recall@5", "Recall@10", "MRR@10")))
+    console.print(table)
+    console.print(f"fusion weight (tuned on validation): {results['fusion']['weight']}")
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 1
     (set LLAMAREC_DEBUG=1 for the traceback)."""

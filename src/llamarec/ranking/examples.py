@@ -1,0 +1,105 @@
+"""Ranking examples: a history, 20 candidate items and which of them is the true next item.
+
+Training examples are built two ways: the paper's (every training prefix, the next item plus
+19 random items the user has not seen, shuffled) or with hard negatives (the retriever's
+top-20 for that prefix, target inserted if missing, shuffled: the distribution the ranker
+meets at test time). Evaluation examples are the retriever's candidates for the users whose
+target is among them (the paper's valid subset).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from llamarec.data.dataset import Dataset
+from llamarec.data.split import history_and_target
+from llamarec.errors import LlamarecError
+from llamarec.retrieval.candidates import Candidates
+
+Order = Literal["retriever", "shuffled"]
+
+
+@dataclass(frozen=True)
+class RankExample:
+    user: int
+    history: tuple[int, ...]  # item ids, oldest first (already cut to the prompt's length)
+    candidates: tuple[int, ...]  # item ids in prompt order (A, B, ...)
+    target: int  # index of the true item in ``candidates``
+    retriever_scores: tuple[float, ...] = ()  # aligned with ``candidates`` when known
+
+
+def _shuffled(items: np.ndarray, target_item: int, rng: np.random.Generator) -> tuple[tuple[int, ...], int]:
+    order = rng.permutation(len(items))
+    shuffled = items[order]
+    return tuple(int(i) for i in shuffled), int(np.flatnonzero(shuffled == target_item)[0])
+
+
+def training_prefixes(ds: Dataset) -> np.ndarray:
+    """All (user, position) pairs of the training part with at least one item before them."""
+    return np.array([(u, p) for u, s in enumerate(ds.sequences) for p in range(1, len(s) - 2)],
+                    dtype=np.int64).reshape(-1, 2)
+
+
+def paper_examples(ds: Dataset, n_examples: int, *, n_candidates: int = 20, max_history: int = 20,
+                   seed: int = 0) -> list[RankExample]:
+    """Random prefixes; candidates = next item + random items outside the history, shuffled."""
+    if ds.n_items < n_candidates:
+        raise LlamarecError(f"{ds.name}: {ds.n_items} items, fewer than {n_candidates} candidates")
+    rng = np.random.default_rng(seed)
+    pairs = training_prefixes(ds)
+    pairs = pairs[rng.choice(len(pairs), min(n_examples, len(pairs)), replace=False)]
+    examples = []
+    for user, pos in pairs:
+        seq = ds.sequences[user]
+        target = int(seq[pos])
+        seen = set(seq[:pos].tolist()) | {target}
+        negatives: list[int] = []
+        while len(negatives) < n_candidates - 1:
+            for item in rng.integers(1, ds.n_items + 1, size=2 * n_candidates).tolist():
+                if item not in seen and len(negatives) < n_candidates - 1:
+                    seen.add(item)
+                    negatives.append(item)
+        cands, idx = _shuffled(np.array([target, *negatives]), target, rng)
+        examples.append(RankExample(int(user), tuple(seq[:pos][-max_history:].tolist()), cands, idx))
+    return examples
+
+
+def hard_negative_examples(ds: Dataset, train: dict[str, np.ndarray], *, max_history: int = 20,
+                           seed: int = 0, n_examples: int | None = None) -> list[RankExample]:
+    """Retriever top-k of training prefixes (from ``load_train_candidates``), target inserted
+    in place of the last candidate when missing, shuffled."""
+    rng = np.random.default_rng(seed)
+    n = len(train["users"])
+    rows = rng.permutation(n)[: n_examples or n]
+    examples = []
+    for row in rows:
+        user, pos, target = int(train["users"][row]), int(train["positions"][row]), int(train["targets"][row])
+        items = train["items"][row].copy()
+        if target not in items:
+            items[-1] = target
+        cands, idx = _shuffled(items, target, rng)
+        history = ds.sequences[user][:pos][-max_history:]
+        examples.append(RankExample(user, tuple(history.tolist()), cands, idx))
+    return examples
+
+
+def evaluation_examples(ds: Dataset, cands: Candidates, split: Literal["val", "test"], *,
+                        order: Order = "retriever", max_history: int = 20, seed: int = 0,
+                        limit: int | None = None) -> list[RankExample]:
+    """One example per valid-subset user, candidates in retriever order or shuffled."""
+    rng = np.random.default_rng(seed)
+    examples = []
+    for user in np.flatnonzero(cands.valid()):
+        history, target = history_and_target(ds.sequences[user], split)
+        items, scores = cands.items[user], cands.scores[user]
+        perm = rng.permutation(len(items)) if order == "shuffled" else np.arange(len(items))
+        items, scores = items[perm], scores[perm]
+        examples.append(RankExample(int(user), tuple(history[-max_history:].tolist()),
+                                    tuple(int(i) for i in items), int(np.flatnonzero(items == target)[0]),
+                                    tuple(float(s) for s in scores)))
+        if limit is not None and len(examples) >= limit:
+            break
+    return examples

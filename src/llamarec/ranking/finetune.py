@@ -1,0 +1,212 @@
+"""LoRA / QLoRA fine-tuning of the ranker: cross-entropy on the answer letter only.
+
+The LM head runs on the last prompt position only (where the answer letter is predicted), so a
+step costs one forward/backward through the transformer and no full-vocabulary logits at every
+position. The best adapter by validation NDCG@10 is kept in peft's format (safetensors), with
+the tokenizer and a JSON config; an interrupted run resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from llamarec.checkpoint import load_tensors, optimizer_tensors, restore_optimizer, save_tensors
+from llamarec.errors import LlamarecError
+from llamarec.io import atomic_dir, write_json
+from llamarec.metrics import metrics_from_ranks, target_ranks
+from llamarec.ranking.config import RankConfig
+from llamarec.ranking.examples import RankExample, evaluation_examples, hard_negative_examples, paper_examples
+from llamarec.ranking.llm import load_llm
+from llamarec.ranking.prompt import PromptConfig
+from llamarec.ranking.ranker import Ranker
+from llamarec.ranking.verbalizer import next_token_logits
+from llamarec.retrieval.candidates import load_candidates, load_train_candidates
+from llamarec.retrieval.train import load_retriever
+
+CONFIG_FILE, ADAPTER_DIR, METRICS_FILE = "rank_config.json", "adapter", "train_metrics.json"
+
+
+@dataclass
+class FinetuneState:
+    step: int = 0  # optimizer steps done
+    example: int = 0  # next training example (over all epochs)
+    best: float = -1.0
+    best_step: int = 0
+    bad_evals: int = 0
+    seconds: float = 0.0
+    history: list[dict] = field(default_factory=list)
+    finished: bool = False
+
+
+def ranking_metrics(scores: torch.Tensor, examples: list[RankExample], ks=(1, 5, 10)) -> dict[str, float]:
+    """Metrics of candidate scores against each example's target index."""
+    labels = torch.tensor([ex.target for ex in examples])
+    return metrics_from_ranks(target_ranks(scores, labels), ks)
+
+
+def attach_lora(model: torch.nn.Module, cfg: RankConfig) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.load_in_4bit:
+        model = prepare_model_for_kbit_training(model)
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=cfg.target_modules, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as exc:
+        raise LlamarecError(f"LoRA target_modules {cfg.target_modules}: {exc}") from None
+
+
+class Finetuner:
+    def __init__(self, cfg: RankConfig, out: Path, progress: bool = True) -> None:
+        self.cfg, self.out, self.progress = cfg, out, progress
+        retriever, rcfg, self.ds = load_retriever(cfg.retriever)
+        del retriever
+        prompt_cfg = PromptConfig.from_file(cfg.prompt_file) if cfg.prompt_file else PromptConfig()
+        torch.manual_seed(cfg.seed)
+        base, self.tokenizer = load_llm(cfg.model, dtype=cfg.dtype, device=cfg.device,
+                                        load_in_4bit=cfg.load_in_4bit, gguf_file=cfg.gguf_file)
+        self.model = attach_lora(base, cfg)
+        self.ranker = Ranker(self.model, self.tokenizer, self.ds.titles, prompt_cfg, cfg.eval_batch_size)
+        max_history = prompt_cfg.max_history
+        if cfg.examples == "paper":
+            train = paper_examples(self.ds, cfg.max_examples, max_history=max_history, seed=cfg.seed)
+        else:
+            train = hard_negative_examples(self.ds, load_train_candidates(cfg.retriever),
+                                           max_history=max_history, seed=cfg.seed,
+                                           n_examples=cfg.max_examples)
+        self.train = train * cfg.epochs
+        self.val = evaluation_examples(self.ds, load_candidates(cfg.retriever, "val"), "val",
+                                       order="shuffled", max_history=max_history, seed=cfg.seed,
+                                       limit=cfg.val_users)
+        if not self.train or not self.val:
+            raise LlamarecError(f"{cfg.retriever}: no training or validation examples for the ranker")
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        self.total_steps = math.ceil(len(self.train) / (cfg.batch_size * cfg.grad_accum))
+        self.state = FinetuneState()
+        self.device = next(self.model.parameters()).device
+
+    def _lr(self, step: int) -> float:
+        """Linear warm-up, then linear decay to zero at the last step."""
+        warm = self.cfg.warmup_steps
+        if step < warm:
+            return self.cfg.lr * (step + 1) / warm
+        return self.cfg.lr * max(0.0, (self.total_steps - step) / max(1, self.total_steps - warm))
+
+    def _batch_loss(self, examples: list[RankExample]) -> torch.Tensor:
+        encoded = [self.ranker.builder.training_example(
+            [self.ds.titles[i] for i in ex.history], [self.ds.titles[i] for i in ex.candidates], ex.target)
+            for ex in examples]
+        pad = self.tokenizer.pad_token_id
+        answers = torch.tensor([e.labels[-1] for e in encoded], device=self.device)
+        autocast = (torch.autocast("cpu", dtype=torch.bfloat16)
+                    if self.cfg.autocast_bf16 and self.device.type == "cpu" else contextlib.nullcontext())
+        with autocast:
+            logits = next_token_logits(self.model, [e.input_ids[:-1] for e in encoded],
+                                       0 if pad is None else pad)
+        return torch.nn.functional.cross_entropy(logits.float(), answers)
+
+    def _validate(self) -> dict[str, float]:
+        metrics = ranking_metrics(self.ranker.score(self.val), self.val)
+        st = self.state
+        st.history.append({"step": st.step, **metrics})
+        if metrics["NDCG@10"] > st.best:
+            st.best, st.best_step, st.bad_evals = metrics["NDCG@10"], st.step, 0
+            with atomic_dir(self.out / ADAPTER_DIR) as tmp:
+                self.model.save_pretrained(tmp, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
+        else:
+            st.bad_evals += 1
+        return metrics
+
+    def _save_last(self) -> None:
+        from peft import get_peft_model_state_dict
+
+        last = self.out / "last"
+        save_tensors(last / "adapter.safetensors", get_peft_model_state_dict(self.model))
+        tensors, meta = optimizer_tensors(self.optimizer)
+        save_tensors(last / "optimizer.safetensors", {**tensors, "rng.torch": torch.get_rng_state()}, meta)
+        write_json(last / "state.json", self.state.__dict__)
+
+    def _resume(self) -> bool:
+        from peft import set_peft_model_state_dict
+
+        last = self.out / "last"
+        if not (last / "state.json").is_file():
+            return False
+        self.state = FinetuneState(**json.loads((last / "state.json").read_text()))
+        set_peft_model_state_dict(self.model, load_tensors(last / "adapter.safetensors")[0])
+        tensors, meta = load_tensors(last / "optimizer.safetensors")
+        torch.set_rng_state(tensors.pop("rng.torch"))
+        restore_optimizer(self.optimizer, tensors, meta)
+        return True
+
+    def _check_config(self) -> None:
+        path = self.out / CONFIG_FILE
+        current = json.loads(self.cfg.model_dump_json())
+        if path.is_file() and (saved := json.loads(path.read_text())) != current:
+            diff = sorted(k for k in current if saved.get(k) != current[k])
+            raise LlamarecError(f"{self.out}: holds a ranker run with a different config ({', '.join(diff)}); "
+                                "use another --out")
+        write_json(path, current)
+
+    def run(self) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._check_config()
+        resumed = self._resume()
+        st, cfg = self.state, self.cfg
+        if not st.history:
+            self._validate()  # step 0: the base model, so fine-tuning must beat zero-shot
+            self._save_last()
+        bar = tqdm(total=self.total_steps, initial=st.step, disable=not self.progress, dynamic_ncols=True,
+                   desc="LoRA" + (" (resumed)" if resumed else ""))
+        started = time.perf_counter() - st.seconds
+        self.model.train()
+        per_step = cfg.batch_size * cfg.grad_accum
+        while not st.finished and st.step < self.total_steps:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self._lr(st.step)
+            losses = []
+            for _ in range(cfg.grad_accum):
+                chunk = self.train[st.example:st.example + cfg.batch_size]
+                if not chunk:
+                    break
+                loss = self._batch_loss(chunk) * len(chunk) / per_step
+                loss.backward()
+                losses.append(loss.item() * per_step / len(chunk))
+                st.example += len(chunk)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            st.step += 1
+            bar.update(1)
+            bar.set_postfix_str(f"loss {np.mean(losses):.3f} best val NDCG@10 {st.best:.4f}")
+            if st.step % cfg.eval_every == 0 or st.step == self.total_steps:
+                self._validate()
+                st.finished = st.bad_evals >= cfg.patience or st.step == self.total_steps
+                st.seconds = time.perf_counter() - started
+                self._save_last()
+                self.model.train()
+        bar.close()
+        st.finished = True
+        st.seconds = time.perf_counter() - started
+        self._save_last()
+        metrics = {"best_step": st.best_step, "best_val_NDCG@10": st.best, "steps": st.step,
+                   "examples": st.example, "train_seconds": round(st.seconds, 1),
+                   "val_users": len(self.val), "history": st.history}
+        write_json(self.out / METRICS_FILE, metrics)
+        return metrics
+
+
+def finetune_ranker(cfg: RankConfig, out: Path, progress: bool = True) -> dict:
+    """Fine-tune (or resume) the ranker in ``out``; returns the training metrics."""
+    return Finetuner(cfg, out, progress).run()
