@@ -232,6 +232,65 @@ def rank_evaluate(
     console.print(f"fusion weight (tuned on validation): {results['fusion']['weight']}")
 
 
+@app.command("run")
+def run(
+    dataset: Annotated[str | None, typer.Option("--dataset", "-d", help="Dataset (default: the preset's).")] = None,
+    data_dir: DataDirOpt = None,
+    config: Annotated[Path | None, typer.Option(help="Config file (a copy of a preset).")] = None,
+    preset: Annotated[str | None, typer.Option(help="Built-in preset: default, paper-ml, paper-beauty, "
+                                                     "paper-games.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")] = Path("runs/default"),
+    force: Annotated[list[str] | None, typer.Option(help="Redo this stage (and those after it); repeatable: "
+                                                         "data, retriever, candidates, ranker, evaluate, "
+                                                         "report.")] = None,
+) -> None:
+    """Everything: prepare data, train the retriever, write candidates, fine-tune the ranker,
+    evaluate both and write report.md. A rerun skips finished stages and resumes an interrupted one."""
+    from llamarec.runner import load_pipeline_config, preset_path, run_pipeline
+
+    if config is not None and preset is not None:
+        raise LlamarecError("give --config or --preset, not both")
+    path = config or (preset_path(preset) if preset else None)
+    cfg = load_pipeline_config(path, {"dataset": dataset, "data_dir": data_dir})
+    run_pipeline(cfg, out, set(force or []))
+    console.print(f"report: {out / 'report.md'}")
+
+
+@app.command("report")
+def report(run: Annotated[Path, typer.Option("--run", help="Run directory of `llamarec run`.")]) -> None:
+    """Regenerate report.md and the plots of a run."""
+    from llamarec.report import write_report
+
+    console.print(f"wrote {write_report(run)}")
+
+
+@app.command("recommend")
+def recommend(
+    run: Annotated[Path, typer.Option("--run", help="Run directory (or a retriever run).")],
+    history: Annotated[list[str], typer.Option("--history", help="History items, oldest first: ids or titles; "
+                                                                 "repeat the option or give several values.")],
+    k: Annotated[int, typer.Option("-k", help="Number of recommendations (at most 20).")] = 10,
+    no_ranker: Annotated[bool, typer.Option("--no-ranker", help="Retriever only.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Recommend items for a new history."""
+    from dataclasses import asdict
+
+    from llamarec.pipeline import Recommender
+
+    rec = Recommender.load(run, with_ranker=not no_ranker)
+    result = rec.recommend(history, k=k)
+    if as_json:
+        print(json.dumps(asdict(result), indent=2))
+        return
+    table = Table("#", "item id", "title", "score", "retriever", "ranker",
+                  title=f"retrieval {result.retrieval_ms:.0f} ms, ranking {result.ranking_ms:.0f} ms")
+    for i, r in enumerate(result.items, 1):
+        table.add_row(str(i), r.item_id, r.title, f"{r.score:.3f}", f"{r.retriever_score:.3f}",
+                      "" if r.ranker_score is None else f"{r.ranker_score:.3f}")
+    console.print(table)
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 1
     (set LLAMAREC_DEBUG=1 for the traceback)."""

@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -62,7 +61,11 @@ def _retriever_scores(examples: list[RankExample]) -> torch.Tensor:
 
 
 def _views(cands: Candidates, ranks: dict[str, torch.Tensor]) -> dict[str, dict]:
-    """Valid-subset and overall metrics for each method's ranks within the candidates."""
+    """Valid-subset and overall metrics for each method's ranks within the candidates.
+
+    ``ranks`` may cover only a sample of the valid subset (``--limit``): its metrics then
+    estimate the subset's, and the overall view still weights them by the whole subset's size.
+    """
     valid = cands.valid()
     rest = metrics_from_ranks(torch.from_numpy(cands.ranks[~valid]), KS)
     out: dict[str, dict] = {"valid_subset": {}, "overall": {}}
@@ -77,7 +80,11 @@ def evaluate_ranker(rank_dir: Path, *, zero_shot: bool = False, order: EvalOrder
                     permutations: int = 3, limit: int | None = None, out: Path | None = None,
                     seed: int = 0) -> dict:
     """Score validation and test valid-subset users, tune fusion on validation, write
-    ``metrics.json`` and ``ranks.csv`` (one row per evaluated user and split) into ``out``."""
+    ``metrics.json`` and ``ranks.csv`` (one row per evaluated user and split) into ``out``.
+
+    ``limit`` scores only the first ``limit`` valid users of each split (the same users for
+    every method), for quick runs on a CPU.
+    """
     path = rank_dir / CONFIG_FILE
     if not path.is_file():
         raise LlamarecError(f"{rank_dir}: not a ranker run ({CONFIG_FILE} missing)")
@@ -108,20 +115,16 @@ def evaluate_ranker(rank_dir: Path, *, zero_shot: bool = False, order: EvalOrder
     weight, grid = tune_fusion(*scored["val"][2:])
     rows = []
     for split, (cands, examples, llm, ret, labels) in scored.items():
-        if limit is not None:  # evaluate the same users on both sides of the comparison
-            keep = np.zeros(len(cands.ranks), dtype=bool)
-            keep[[ex.user for ex in examples]] = True
-            keep |= ~cands.valid()
-            cands = Candidates(cands.items[keep], cands.scores[keep], cands.targets[keep], cands.ranks[keep])
         ranks = {"retriever": target_ranks(ret, labels), "ranker": target_ranks(llm, labels),
                  "fusion": target_ranks(fuse(llm, ret, weight), labels)}
-        results[split] = {"users": len(cands.ranks), "valid_subset_users": len(examples),
+        results[split] = {"users": len(cands.ranks), "valid_subset_users": int(cands.valid().sum()),
+                          "evaluated_users": len(examples),
                           **_views(cands, ranks)}
+        full_ranks = cands.ranks[[ex.user for ex in examples]]
         rows += [{"split": split, "user": ex.user, "user_raw_id": ds.user_raw_ids[ex.user],
-                  "target_item": ex.candidates[ex.target],
-                  "retriever_full_rank": int(cands_rank), **{f"{k}_rank": int(v[i]) for k, v in ranks.items()}}
-                 for i, (ex, cands_rank) in enumerate(zip(examples, load_candidates(cfg.retriever, split).ranks[
-                     [ex.user for ex in examples]]))]
+                  "target_item": ex.candidates[ex.target], "retriever_full_rank": int(full_ranks[i]),
+                  **{f"{name}_rank": int(r[i]) for name, r in ranks.items()}}
+                 for i, ex in enumerate(examples)]
     results["fusion"] = {"weight": weight, "val_NDCG@10_by_weight": {str(k): v for k, v in grid.items()}}
     out = out or rank_dir / f"eval-{'zero-shot' if zero_shot else 'finetuned'}-{order}"
     out.mkdir(parents=True, exist_ok=True)

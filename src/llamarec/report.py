@@ -1,0 +1,126 @@
+"""``report.md`` and plots for a run of ``llamarec run``: paper-style tables (retriever vs
+LlamaRec, overall and valid subset), training curves, metrics, and how far the ranker moved
+the true item."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from llamarec.errors import LlamarecError
+from llamarec.io import atomic_path, write_text
+from llamarec.pipeline import METRICS_FILE, RANKER_DIR, RETRIEVER_DIR
+
+METRICS = ("MRR@1", "NDCG@5", "NDCG@10", "Recall@5", "Recall@10", "MRR@10")
+METHODS = {"retriever": "Retriever", "ranker": "LlamaRec (ranker)", "fusion": "LlamaRec + fusion"}
+
+
+def _table(view: dict[str, dict[str, float]]) -> str:
+    lines = ["| method | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+    for key, name in METHODS.items():
+        if key in view:
+            lines.append(f"| {name} | " + " | ".join(f"{view[key][m]:.4f}" for m in METRICS) + " |")
+    return "\n".join(lines)
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _plots(run_dir: Path, metrics: dict) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = run_dir / "plots"
+    names = []
+    # Training curves.
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    hist = pd.DataFrame(metrics["retriever"]["history"])
+    for m in ("Recall@10", "NDCG@10"):
+        ax1.plot(hist["step"], hist[m], label=m)
+    ax1.axvline(metrics["retriever"]["best_step"], ls="--", c="grey", lw=0.8)
+    ax1.set(title="Retriever: validation (all items)", xlabel="iteration")
+    ax1.legend()
+    rhist = pd.DataFrame(metrics["ranker_training"]["history"])
+    for m in ("NDCG@10", "Recall@5"):
+        ax2.plot(rhist["step"], rhist[m], marker="o", label=m)
+    ax2.set(title="Ranker: validation (valid subset, 20 candidates)", xlabel="optimizer step")
+    ax2.legend()
+    _save(fig, plots / "training_curves.png")
+    names.append("training_curves.png")
+    # Retriever vs ranker.
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, view in zip(axes, ("overall", "valid_subset")):
+        data = metrics["ranker"]["test"][view]
+        frame = pd.DataFrame({METHODS[k]: [data[k][m] for m in METRICS] for k in METHODS if k in data},
+                             index=list(METRICS))
+        frame.plot.bar(ax=ax, rot=30)
+        ax.set(title=f"Test, {view.replace('_', ' ')}")
+    _save(fig, plots / "metrics.png")
+    names.append("metrics.png")
+    # How far the ranker moved the true item.
+    ranks_path = run_dir / RANKER_DIR / "eval" / "ranks.csv"
+    if ranks_path.is_file():
+        ranks = pd.read_csv(ranks_path)
+        test = ranks[ranks["split"] == "test"]
+        moved = test["retriever_rank"] - test["ranker_rank"]
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.hist(moved, bins=range(-20, 21), color="tab:blue", edgecolor="white")
+        ax.set(title="Test: positions the ranker moved the true item up (+) or down (-)",
+               xlabel="retriever rank - ranker rank", ylabel="users")
+        _save(fig, plots / "rank_shift.png")
+        names.append("rank_shift.png")
+    return names
+
+
+def write_report(run_dir: Path) -> Path:
+    """(Re)generate ``report.md`` and ``plots/`` from the run's saved metrics."""
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        raise LlamarecError(f"{run_dir}: no {METRICS_FILE}; the run has not been evaluated yet")
+    metrics = json.loads(path.read_text())
+    data, ranker = metrics["data"], metrics["ranker"]
+    retr_cfg = json.loads((run_dir / RETRIEVER_DIR / "config.json").read_text())["train"]
+    test = ranker["test"]
+    plots = _plots(run_dir, metrics)
+    rt = metrics["ranker_training"]
+    lines = [
+        f"# llamarec run: {data['dataset']}",
+        "",
+        f"{data['users']:,} users, {data['items']:,} items, {data['interactions']:,} interactions "
+        f"(mean sequence length {data['mean_seq_len']}). Leave-one-out; metrics are means over users.",
+        "",
+        f"Retriever: {retr_cfg['model']}, best at iteration {metrics['retriever']['best_step']} of "
+        f"{metrics['retriever']['steps']} ({metrics['retriever']['train_seconds']:.0f} s). "
+        f"Ranker: LoRA fine-tuning, {rt['steps']} steps on {rt['examples']} examples "
+        f"({rt['train_seconds']:.0f} s), best validation NDCG@10 {rt['best_val_NDCG@10']:.4f} at step "
+        f"{rt['best_step']} (zero-shot {rt['history'][0]['NDCG@10']:.4f}). Candidate order at test time: "
+        f"{ranker['order']}; fusion weight tuned on validation: {ranker['fusion']['weight']}.",
+        "",
+        f"## Test, overall ({test['users']} users)",
+        "",
+        "The ranker's metrics on the valid subset combined with the retriever's on the other users, "
+        "weighted by their sizes (the paper's view).",
+        "",
+        _table(test["overall"]),
+        "",
+        f"## Test, valid subset ({test['valid_subset_users']} users whose true item is among the candidates)",
+        "",
+        _table(test["valid_subset"]),
+        "",
+        "## Plots",
+        "",
+        *[f"![{name}](plots/{name})" for name in plots],
+        "",
+    ]
+    out = run_dir / "report.md"
+    write_text(out, "\n".join(lines))
+    return out

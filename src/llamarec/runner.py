@@ -1,0 +1,217 @@
+"""``llamarec run``: raw data to an evaluated two-stage recommender, stage by stage.
+
+Each stage records a key (a hash of its own config and of the stages before it) in
+``stages.json`` when it finishes. A rerun skips stages whose key is unchanged, resumes an
+interrupted one (the trainers resume from their last checkpoint), and redoes a stage, and
+everything after it, whose config changed or that ``--force`` names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from rich.console import Console
+
+from llamarec.errors import LlamarecError
+from llamarec.io import write_json, write_text
+from llamarec.pipeline import METRICS_FILE, RANKER_DIR, RETRIEVER_DIR
+from llamarec.ranking.config import RankConfig
+from llamarec.retrieval.config import RetrievalConfig
+
+STAGES = ("data", "retriever", "candidates", "ranker", "evaluate", "report")
+STATE_FILE, CONFIG_FILE, EVAL_DIR = "stages.json", "config.yaml", "eval"
+console = Console(stderr=True)
+
+
+class CandidateOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    k: int = Field(20, ge=1, le=20)
+    train_prefixes: int = Field(2000, ge=0)
+
+
+class EvalOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    order: Literal["retriever", "shuffled", "average"] = "retriever"
+    permutations: int = Field(3, ge=1)
+    limit: int | None = Field(None, ge=1)
+
+
+class PipelineConfig(BaseModel):
+    """A whole run; ``retriever`` and ``ranker`` hold the options of their stages."""
+
+    model_config = ConfigDict(extra="forbid")
+    dataset: str = "ml-100k"
+    data_dir: Path | None = None
+    retriever: dict[str, Any] = Field(default_factory=dict)
+    candidates: CandidateOptions = Field(default_factory=CandidateOptions)
+    ranker: dict[str, Any] = Field(default_factory=dict)
+    evaluation: EvalOptions = Field(default_factory=EvalOptions)
+
+    def retrieval_config(self) -> RetrievalConfig:
+        return _section(RetrievalConfig, {**self.retriever, "dataset": self.dataset, "data_dir": self.data_dir},
+                        "retriever")
+
+    def rank_config(self, run_dir: Path) -> RankConfig:
+        return _section(RankConfig, {**self.ranker, "retriever": run_dir / RETRIEVER_DIR}, "ranker")
+
+
+def _section(model_cls, values: dict, name: str):
+    try:
+        return model_cls.model_validate(values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise LlamarecError(f"config {name}.{where}: {err['msg']} (got {err.get('input')!r})") from None
+
+
+def preset_path(name: str) -> Path:
+    path = Path(str(resources.files("llamarec") / "presets" / f"{name}.yaml"))
+    if not path.is_file():
+        names = sorted(p.name.removesuffix(".yaml") for p in path.parent.glob("*.yaml"))
+        raise LlamarecError(f"unknown preset {name!r}; presets: {', '.join(names)}")
+    return path
+
+
+def load_pipeline_config(path: Path | None, overrides: dict[str, Any]) -> PipelineConfig:
+    """A preset or config file (default preset when none), with top-level overrides."""
+    path = path or preset_path("default")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise LlamarecError(f"{path}: cannot read config ({' '.join(str(exc).split())})") from None
+    if not isinstance(data, dict):
+        raise LlamarecError(f"{path}: expected a mapping of sections")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        cfg = PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise LlamarecError(f"{path}: {'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from None
+    cfg.retrieval_config()  # fail fast on a bad section
+    return cfg
+
+
+class Runner:
+    def __init__(self, cfg: PipelineConfig, out: Path, force: set[str] = frozenset(),
+                 progress: bool = True) -> None:
+        unknown = set(force) - set(STAGES)
+        if unknown:
+            raise LlamarecError(f"--force {', '.join(sorted(unknown))}: stages are {', '.join(STAGES)}")
+        self.cfg, self.out, self.force, self.progress = cfg, out, set(force), progress
+        self.rank_cfg = cfg.rank_config(out)
+
+    def _stage_configs(self) -> dict[str, Any]:
+        c = self.cfg
+        return {
+            "data": {"dataset": c.dataset, "data_dir": str(c.data_dir)},
+            "retriever": json.loads(c.retrieval_config().model_dump_json()),
+            "candidates": c.candidates.model_dump(),
+            "ranker": json.loads(self.rank_cfg.model_dump_json()),
+            "evaluate": c.evaluation.model_dump(),
+            "report": {},
+        }
+
+    def keys(self) -> dict[str, str]:
+        keys, previous = {}, ""
+        for stage, conf in self._stage_configs().items():
+            previous = hashlib.sha256((previous + json.dumps(conf, sort_keys=True)).encode()).hexdigest()[:16]
+            keys[stage] = previous
+        return keys
+
+    def run(self) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_text(self.out / CONFIG_FILE, yaml.safe_dump(json.loads(self.cfg.model_dump_json()), sort_keys=False))
+        state_path = self.out / STATE_FILE
+        done: dict[str, str] = json.loads(state_path.read_text()) if state_path.is_file() else {}
+        keys, redo = self.keys(), False
+        steps: dict[str, Callable[[], str]] = {
+            "data": self._data, "retriever": self._retriever, "candidates": self._candidates,
+            "ranker": self._ranker, "evaluate": self._evaluate, "report": self._report,
+        }
+        for stage in STAGES:
+            redo = redo or stage in self.force or (stage in done and done[stage] != keys[stage])
+            if not redo and done.get(stage) == keys[stage]:
+                console.print(f"[green]✓[/] {stage}: up to date (skipped)")
+                continue
+            if redo:
+                self._clear(stage)
+            done.pop(stage, None)
+            start = time.perf_counter()
+            summary = steps[stage]()
+            console.print(f"[green]✓[/] {stage} ({time.perf_counter() - start:.0f} s): {summary}")
+            done[stage] = keys[stage]
+            write_json(state_path, done)
+        return json.loads((self.out / METRICS_FILE).read_text())
+
+    def _clear(self, stage: str) -> None:
+        """Remove what a stage wrote so it starts afresh (its config changed or was forced)."""
+        paths = {"retriever": [self.out / RETRIEVER_DIR], "ranker": [self.out / RANKER_DIR],
+                 "evaluate": [self.out / RANKER_DIR / EVAL_DIR]}.get(stage, [])
+        for path in paths:
+            shutil.rmtree(path, ignore_errors=True)
+
+    # -- stages ---------------------------------------------------------------------------------
+    def _data(self) -> str:
+        from llamarec.data import load_dataset
+
+        ds = load_dataset(self.cfg.dataset, self.cfg.data_dir)
+        stats = ds.stats()
+        write_json(self.out / "data.json", stats)
+        return f"{stats['users']:,} users, {stats['items']:,} items, {stats['interactions']:,} interactions"
+
+    def _retriever(self) -> str:
+        from llamarec.retrieval.train import train_retriever
+
+        m = train_retriever(self.cfg.retrieval_config(), self.out / RETRIEVER_DIR, self.progress)
+        return (f"test NDCG@10 {m['test']['NDCG@10']:.4f}, Recall@10 {m['test']['Recall@10']:.4f} "
+                f"after {m['steps']} steps")
+
+    def _candidates(self) -> str:
+        from llamarec.retrieval.candidates import generate_candidates
+
+        c = self.cfg.candidates
+        s = generate_candidates(self.out / RETRIEVER_DIR, k=c.k, train_prefixes=c.train_prefixes)
+        return f"top-{c.k}: test valid subset {s['test']['valid_subset']} of {s['test']['users']} users"
+
+    def _ranker(self) -> str:
+        from llamarec.ranking.finetune import finetune_ranker
+
+        m = finetune_ranker(self.rank_cfg, self.out / RANKER_DIR, self.progress)
+        return (f"val NDCG@10 {m['history'][0]['NDCG@10']:.4f} zero-shot -> {m['best_val_NDCG@10']:.4f} "
+                f"(best step {m['best_step']} of {m['steps']})")
+
+    def _evaluate(self) -> str:
+        from llamarec.ranking.evaluate import evaluate_ranker
+
+        e = self.cfg.evaluation
+        results = evaluate_ranker(self.out / RANKER_DIR, order=e.order, permutations=e.permutations,
+                                  limit=e.limit, out=self.out / RANKER_DIR / EVAL_DIR)
+        metrics = {
+            "data": json.loads((self.out / "data.json").read_text()),
+            "retriever": json.loads((self.out / RETRIEVER_DIR / "metrics.json").read_text()),
+            "ranker_training": json.loads((self.out / RANKER_DIR / "train_metrics.json").read_text()),
+            "ranker": results,
+        }
+        write_json(self.out / METRICS_FILE, metrics)
+        t = results["test"]["overall"]
+        return ("test overall NDCG@10 retriever {:.4f}, ranker {:.4f}, fusion {:.4f}".format(
+            t["retriever"]["NDCG@10"], t["ranker"]["NDCG@10"], t["fusion"]["NDCG@10"]))
+
+    def _report(self) -> str:
+        from llamarec.report import write_report
+
+        path = write_report(self.out)
+        return f"{path}"
+
+
+def run_pipeline(cfg: PipelineConfig, out: Path, force: set[str] = frozenset(), progress: bool = True) -> dict:
+    return Runner(cfg, out, force, progress).run()
