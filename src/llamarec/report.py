@@ -112,7 +112,9 @@ def write_report(run_dir: Path) -> Path:
         "",
         _table(test["overall"]),
         "",
-        f"## Test, valid subset ({test['valid_subset_users']} users whose true item is among the candidates)",
+        f"## Test, valid subset ({test['valid_subset_users']} users whose true item is among the candidates"
+        + (f"; measured on {test['evaluated_users']} of them" if test["evaluated_users"] < test["valid_subset_users"]
+           else "") + ")",
         "",
         _table(test["valid_subset"]),
         "",

@@ -45,7 +45,8 @@ def training_prefixes(ds: Dataset) -> np.ndarray:
 
 def paper_examples(ds: Dataset, n_examples: int, *, n_candidates: int = 20, max_history: int = 20,
                    seed: int = 0) -> list[RankExample]:
-    """Random prefixes; candidates = next item + random items outside the history, shuffled."""
+    """Random prefixes; candidates = next item + random items outside the history, shuffled.
+    Prefixes whose history leaves fewer than ``n_candidates - 1`` unseen items are skipped."""
     if ds.n_items < n_candidates:
         raise LlamarecError(f"{ds.name}: {ds.n_items} items, fewer than {n_candidates} candidates")
     rng = np.random.default_rng(seed)
@@ -56,6 +57,8 @@ def paper_examples(ds: Dataset, n_examples: int, *, n_candidates: int = 20, max_
         seq = ds.sequences[user]
         target = int(seq[pos])
         seen = set(seq[:pos].tolist()) | {target}
+        if ds.n_items - len(seen) < n_candidates - 1:
+            continue  # too few unseen items for a full pool (sampling would never end)
         negatives: list[int] = []
         while len(negatives) < n_candidates - 1:
             for item in rng.integers(1, ds.n_items + 1, size=2 * n_candidates).tolist():

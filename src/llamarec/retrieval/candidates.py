@@ -33,7 +33,7 @@ class Candidates:
     items: np.ndarray  # [U, k] item ids, best first
     scores: np.ndarray  # [U, k]
     targets: np.ndarray  # [U]
-    ranks: np.ndarray  # [U] 0-based rank of the target among all items
+    ranks: np.ndarray  # [U] 0-based rank of the target among all items (>= k if not a candidate)
 
     @property
     def k(self) -> int:
@@ -51,14 +51,22 @@ def generate_candidates(run_dir: Path, k: int = 20, train_prefixes: int = 0, see
     (history = the items before a training position, target = the item at it).
     """
     model, cfg, ds = load_retriever(run_dir)
-    if not 1 <= k <= ds.n_items:
-        raise LlamarecError(f"--k {k}: must be between 1 and the number of items ({ds.n_items})")
+    # Every history item is excluded, so k must leave room for k real items after the longest
+    # history (test histories are the longest); otherwise history items or padding fill the rest.
+    longest = max((len(np.unique(h)) for h in eval_examples(ds, "test")[0]), default=0)
+    if not 1 <= k <= ds.n_items - longest:
+        raise LlamarecError(f"--k {k}: must be between 1 and {ds.n_items - longest} (the {ds.n_items} "
+                            f"items less the longest history, {longest} items)")
     tensors: dict[str, torch.Tensor] = {}
     summary: dict = {"k": k, "dataset": cfg.dataset, "model": cfg.model}
     for split in ("val", "test"):
         histories, targets = eval_examples(ds, split)
         items, scores = top_k(model, histories, k, cfg.max_len, cfg.eval_batch_size)
         ranks = evaluate_ranks(model, histories, targets, cfg.max_len, cfg.eval_batch_size)
+        # A re-consumed target (already in the history) stays scorable in the full ranking but,
+        # like every history item, is never a candidate: count it as a miss (rank >= k), so that
+        # valid() means "the target is among the candidates".
+        ranks = np.where((items == targets[:, None]).any(1), ranks, np.maximum(ranks, k))
         cand = Candidates(items, scores, targets, ranks)
         for name in ("items", "scores", "targets", "ranks"):
             tensors[f"{split}.{name}"] = torch.from_numpy(np.ascontiguousarray(getattr(cand, name)))

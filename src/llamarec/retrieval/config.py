@@ -47,4 +47,7 @@ class RetrievalConfig(BaseModel):
             self.batch_size = 64 if amazon else 16
         if self.window_step is None:
             self.window_step = self.max_len
+        if self.window_step > self.max_len:
+            raise ValueError(f"window_step ({self.window_step}) must not exceed max_len ({self.max_len}), "
+                             "or some items would never be training labels")
         return self

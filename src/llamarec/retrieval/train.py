@@ -131,7 +131,8 @@ class Trainer:
         bar = tqdm(total=cfg.max_epochs * n_batches, initial=st.epoch * n_batches + st.batch,
                    desc=f"{cfg.model} on {cfg.dataset}" + (" (resumed)" if resumed else ""),
                    disable=not self.progress, dynamic_ncols=True)
-        stop, started, loss_ema = st.finished, time.perf_counter() - st.seconds, None
+        stop = st.finished or st.bad_evals >= cfg.patience  # killed right after the stopping validation
+        started, loss_ema = time.perf_counter() - st.seconds, None
         self.model.train()
         while not stop and st.epoch < cfg.max_epochs:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + st.epoch))

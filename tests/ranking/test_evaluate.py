@@ -1,0 +1,189 @@
+"""Ranker evaluation: fusion by hand, and the full evaluation of the tiny run (valid subset,
+overall view, ranks.csv, zero-shot)."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from llamarec.errors import LlamarecError
+from llamarec.metrics import metrics_from_ranks, target_ranks
+from llamarec.ranking.evaluate import FUSION_WEIGHTS, KS, evaluate_ranker, fuse, tune_fusion
+from llamarec.ranking.examples import evaluation_examples
+from llamarec.ranking.llm import load_llm
+from llamarec.ranking.ranker import Ranker
+from llamarec.retrieval.candidates import load_candidates
+from llamarec.retrieval.train import load_retriever
+
+INF = float("inf")
+METHODS = ("retriever", "ranker", "fusion")
+
+
+def order(scores: torch.Tensor) -> list[list[int]]:
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices.tolist()
+
+
+# --------------------------------------------------------------------------- fusion by hand
+
+def test_fuse_weight_zero_is_the_ranker_and_inf_the_retriever():
+    llm = torch.tensor([[-50.0, 0.0, 50.0, 10.0], [3.0, 2.0, 1.0, 0.0]])
+    ret = torch.tensor([[3.0, 2.9, 2.8, 2.7], [0.0, 1.0, 2.0, 3.0]])
+    assert order(fuse(llm, ret, 0.0)) == [[2, 3, 1, 0], [0, 1, 2, 3]]
+    assert order(fuse(llm, ret, INF)) == [[0, 1, 2, 3], [3, 2, 1, 0]]  # however sure the LLM is
+    torch.testing.assert_close(fuse(llm, ret, 0.0), llm.log_softmax(-1))
+    torch.testing.assert_close(fuse(llm, ret, 2.0), llm.log_softmax(-1) + 2 * ret.log_softmax(-1))
+
+
+def test_fuse_inf_lets_the_ranker_break_retriever_ties():
+    llm = torch.tensor([[0.0, 5.0, 9.0]])
+    ret = torch.tensor([[1.0, 1.0, 0.0]])
+    assert order(fuse(llm, ret, INF)) == [[1, 0, 2]]
+
+
+def test_fuse_equal_weight_adds_log_probabilities():
+    # log-softmax of [0, 1, 2] plus that of [2, 1, 0]: every candidate gets the same total
+    fused = fuse(torch.tensor([[0.0, 1.0, 2.0]]), torch.tensor([[2.0, 1.0, 0.0]]), 1.0)
+    assert torch.allclose(fused, fused[:, :1].expand_as(fused))
+
+
+def test_tune_fusion_picks_the_ranker_when_it_is_right():
+    labels = torch.tensor([2, 0])
+    llm = torch.tensor([[0.0, 1.0, 9.0], [9.0, 1.0, 0.0]])  # the LLM finds both targets
+    ret = torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 2.0]])  # the retriever ranks them last
+    weight, grid = tune_fusion(llm, ret, labels)
+    assert set(grid) == set(FUSION_WEIGHTS)
+    assert grid[0.0] == 1.0 and grid[INF] == pytest.approx(0.5)  # NDCG@10 of rank 2 = 1/log2(4)
+    assert grid[weight] == 1.0
+    assert weight == max(w for w, v in grid.items() if v == 1.0)  # ties go to the larger weight
+
+
+def test_tune_fusion_prefers_the_retriever_when_the_ranker_is_useless():
+    labels = torch.tensor([0, 1])
+    ret = torch.tensor([[5.0, 1.0, 0.0], [1.0, 5.0, 0.0]])
+    llm = torch.tensor([[0.0, 0.0, 9.0], [0.0, 0.0, 9.0]])
+    weight, grid = tune_fusion(llm, ret, labels)
+    assert weight == INF and grid[INF] == 1.0 and grid[0.0] < 1.0
+    # equal quality everywhere: the tie goes to the retriever
+    assert tune_fusion(ret.clone(), ret, labels)[0] == INF
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_tuned_fusion_is_never_worse_than_the_retriever(seed):
+    g = torch.Generator().manual_seed(seed)
+    llm, ret = torch.randn(30, 20, generator=g), torch.randn(30, 20, generator=g)
+    ret[:5, :3] = 0.0  # some retriever ties
+    labels = torch.randint(0, 20, (30,), generator=g)
+    weight, grid = tune_fusion(llm, ret, labels)
+    retriever = metrics_from_ranks(target_ranks(ret, labels), KS)["NDCG@10"]
+    tuned = metrics_from_ranks(target_ranks(fuse(llm, ret, weight), labels), KS)["NDCG@10"]
+    assert tuned == pytest.approx(grid[weight]) and tuned >= retriever - 1e-12
+    assert tuned == pytest.approx(max(grid.values()))
+
+
+# --------------------------------------------------------------------------- the tiny run
+
+@pytest.fixture
+def finetuned_eval(tiny_rank_run, tmp_path):
+    out = tmp_path / "eval"
+    return evaluate_ranker(tiny_rank_run, out=out), out
+
+
+def check_views(results: dict, run, evaluated: int | None = None) -> None:
+    """Valid-subset and overall metrics against the candidates, computed independently.
+    ``evaluated``: how many valid users were scored (``limit``), all by default."""
+    for split in ("val", "test"):
+        cands = load_candidates(run, split)
+        valid = cands.valid()
+        n, n_valid = len(valid), int(valid.sum())
+        res = results[split]
+        assert res["users"] == n and res["valid_subset_users"] == n_valid
+        assert res["evaluated_users"] == (n_valid if evaluated is None else evaluated)
+        rest = metrics_from_ranks(torch.from_numpy(cands.ranks[~valid]), KS)
+        for method in METHODS:
+            subset, overall = res["valid_subset"][method], res["overall"][method]
+            assert set(subset) == set(overall) == {f"{m}@{k}" for m in ("Recall", "NDCG", "MRR") for k in KS}
+            for key, value in subset.items():
+                assert overall[key] == pytest.approx((value * n_valid + rest[key] * (n - n_valid)) / n)
+                # misses of the retriever rank >= k = 20, beyond every k of the metrics
+                assert overall[key] == pytest.approx(value * n_valid / n)
+        # within the candidates the retriever keeps its full-ranking ranks, so its overall view
+        # is its own full-ranking metrics
+        if evaluated is None:
+            assert res["overall"]["retriever"] == pytest.approx(metrics_from_ranks(cands.ranks, KS))
+
+
+def test_evaluate_ranker_writes_metrics_and_ranks(finetuned_eval, tiny_rank_run, tiny_retriever_run,
+                                                  tiny_dataset):
+    results, out = finetuned_eval
+    assert json.loads((out / "metrics.json").read_text()) == results
+    assert results["zero_shot"] is False and results["order"] == "retriever"
+    assert results["fusion"]["weight"] in FUSION_WEIGHTS
+    assert set(results["fusion"]["val_NDCG@10_by_weight"]) == {str(w) for w in FUSION_WEIGHTS}
+    check_views(results, tiny_retriever_run)
+
+    rows = pd.read_csv(out / "ranks.csv")
+    assert list(rows.columns) == ["split", "user", "user_raw_id", "target_item", "retriever_full_rank",
+                                  "retriever_rank", "ranker_rank", "fusion_rank"]
+    for split in ("val", "test"):
+        cands = load_candidates(tiny_retriever_run, split)
+        part = rows[rows["split"] == split]
+        assert part["user"].tolist() == np.flatnonzero(cands.valid()).tolist()
+        assert (part["target_item"].to_numpy() == cands.targets[part["user"]]).all()
+        assert (part["retriever_full_rank"].to_numpy() == cands.ranks[part["user"]]).all()
+        assert (part["retriever_rank"] == part["retriever_full_rank"]).all()
+        assert part["user_raw_id"].astype(str).tolist() == \
+            [tiny_dataset.user_raw_ids[u] for u in part["user"]]
+        for method in METHODS:
+            ranks = torch.tensor(part[f"{method}_rank"].to_numpy())
+            assert results[split]["valid_subset"][method] == pytest.approx(metrics_from_ranks(ranks, KS))
+
+
+def test_zero_shot_needs_no_adapter_and_scores_with_the_base_model(tiny_rank_config, tiny_retriever_run,
+                                                                    tmp_path):
+    cfg = tiny_rank_config()
+    rank_dir = tmp_path / "rank"  # a ranker directory holding only its config
+    rank_dir.mkdir()
+    (rank_dir / "rank_config.json").write_text(cfg.model_dump_json())
+    with pytest.raises(LlamarecError, match="no adapter saved yet"):
+        evaluate_ranker(rank_dir)
+
+    results = evaluate_ranker(rank_dir, zero_shot=True)
+    out = rank_dir / "eval-zero-shot-retriever"  # the default output directory
+    assert results["zero_shot"] is True and (out / "metrics.json").is_file()
+    check_views(results, tiny_retriever_run)
+
+    # the ranker's ranks are those of the plain LLM on the valid-subset examples
+    model, tokenizer = load_llm(cfg.model, dtype="float32", device="cpu")
+    ds = load_retriever(tiny_retriever_run)[2]
+    ranker = Ranker(model, tokenizer, ds.titles, batch_size=5)
+    rows = pd.read_csv(out / "ranks.csv")
+    examples = evaluation_examples(ds, load_candidates(tiny_retriever_run, "test"), "test")
+    scores = ranker.score(examples)
+    labels = torch.tensor([ex.target for ex in examples])
+    assert rows[rows["split"] == "test"]["ranker_rank"].tolist() == target_ranks(scores, labels).tolist()
+
+
+def test_limit_and_shuffled_order(tiny_rank_run, tiny_retriever_run, tmp_path):
+    results = evaluate_ranker(tiny_rank_run, order="shuffled", limit=3, out=tmp_path, seed=1)
+    # the 3 scored users stand for the whole valid subset in the overall view
+    check_views(results, tiny_retriever_run, evaluated=3)
+    rows = pd.read_csv(tmp_path / "ranks.csv")
+    for split in ("val", "test"):
+        valid = load_candidates(tiny_retriever_run, split).valid()
+        users = rows[rows["split"] == split]["user"].tolist()
+        assert users == np.flatnonzero(valid)[:3].tolist()
+    # shuffled candidates: the retriever's rank within them still follows its scores
+    assert (rows["retriever_rank"] == rows["retriever_full_rank"]).all()
+
+
+def test_average_order_uses_permutations(tiny_rank_run, tmp_path):
+    results = evaluate_ranker(tiny_rank_run, order="average", permutations=2, limit=2, out=tmp_path)
+    assert results["order"] == "average" and results["permutations"] == 2
+    assert results["test"]["evaluated_users"] == 2
+
+
+def test_not_a_ranker_run(tmp_path):
+    with pytest.raises(LlamarecError, match="not a ranker run"):
+        evaluate_ranker(tmp_path)

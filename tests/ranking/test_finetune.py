@@ -1,0 +1,184 @@
+"""LoRA fine-tuning of the ranker on the tiny world: the loss, the saved run, adapter round
+trip, resume and config checks."""
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoTokenizer
+
+from llamarec.checkpoint import load_tensors
+from llamarec.errors import LlamarecError
+from llamarec.ranking.examples import evaluation_examples
+from llamarec.ranking.finetune import Finetuner, finetune_ranker, ranking_metrics
+from llamarec.ranking.llm import load_llm
+from llamarec.ranking.prompt import LETTERS
+from llamarec.ranking.ranker import Ranker
+from llamarec.retrieval.candidates import load_candidates
+from llamarec.retrieval.train import load_retriever
+
+
+class Interrupted(Exception):
+    pass
+
+
+def base_ranker(cfg) -> Ranker:
+    model, tokenizer = load_llm(cfg.model, dtype="float32", device="cpu")
+    return Ranker(model, tokenizer, load_retriever(cfg.retriever)[2].titles, batch_size=3)
+
+
+def val_examples(cfg):
+    ds = load_retriever(cfg.retriever)[2]
+    return evaluation_examples(ds, load_candidates(cfg.retriever, "val"), "val", order="shuffled",
+                               max_history=20, seed=cfg.seed, limit=cfg.val_users)
+
+
+def test_batch_loss_is_cross_entropy_of_the_answer_letter(tiny_rank_config, tmp_path):
+    ft = Finetuner(tiny_rank_config(), tmp_path / "rank", progress=False)
+    ft.model.eval()  # no LoRA dropout, for an exact comparison
+    by_length = sorted(ft.train, key=lambda ex: len(ex.history))
+    batch = [by_length[0], by_length[-1], by_length[len(by_length) // 2]]
+    assert len({len(ex.history) for ex in batch}) > 1  # prompts of different lengths get padded
+
+    loss = ft._batch_loss(batch)
+
+    expected, wrong = [], []
+    for ex in batch:
+        text = ft.ranker.prompt(ex.history, ex.candidates)
+        ids = ft.tokenizer(text)["input_ids"]
+        with torch.no_grad():
+            logits = ft.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+        log_probs = logits.log_softmax(-1)
+        letter = ft.tokenizer.convert_tokens_to_ids(LETTERS[ex.target])
+        other = ft.tokenizer.convert_tokens_to_ids(LETTERS[(ex.target + 1) % 20])
+        expected.append(-log_probs[letter])
+        wrong.append(-log_probs[other])
+    assert loss.item() == pytest.approx(torch.stack(expected).mean().item(), abs=1e-5)
+    assert loss.item() != pytest.approx(torch.stack(wrong).mean().item(), abs=1e-3)
+
+    loss.backward()  # only the LoRA weights learn
+    trained = {n for n, p in ft.model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n for n in trained)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0
+               for n, p in ft.model.named_parameters() if "lora_B" in n)
+
+
+def test_learning_rate_schedule():
+    ft = SimpleNamespace(cfg=SimpleNamespace(lr=1.0, warmup_steps=2), total_steps=6)
+    assert [Finetuner._lr(ft, s) for s in range(6)] == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25])
+    ft.cfg.warmup_steps = 0
+    assert [Finetuner._lr(ft, s) for s in range(3)] == pytest.approx([1.0, 5 / 6, 4 / 6])
+
+
+def test_tiny_run_writes_adapter_tokenizer_config_and_metrics(tiny_rank_run, tiny_rank_config):
+    cfg = tiny_rank_config()
+    assert json.loads((tiny_rank_run / "rank_config.json").read_text()) == json.loads(cfg.model_dump_json())
+    adapter = tiny_rank_run / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file()
+    assert not list(adapter.glob("*.bin"))
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    assert set(adapter_config["target_modules"]) == {"q_proj", "v_proj"} and adapter_config["r"] == 8
+    assert (adapter / "tokenizer_config.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    original = AutoTokenizer.from_pretrained(cfg.model)
+    assert tokenizer("(A) Item 7")["input_ids"] == original("(A) Item 7")["input_ids"]
+
+    metrics = json.loads((tiny_rank_run / "train_metrics.json").read_text())
+    assert metrics["steps"] == 2 and metrics["examples"] == 8 and metrics["val_users"] == 4
+    assert [h["step"] for h in metrics["history"]] == [0, 1, 2]  # step 0 = zero-shot
+    values = [h["NDCG@10"] for h in metrics["history"]]
+    assert metrics["best_val_NDCG@10"] == max(values)
+    assert metrics["best_step"] == metrics["history"][values.index(max(values))]["step"]
+    state = json.loads((tiny_rank_run / "last" / "state.json").read_text())
+    assert state["finished"] and state["step"] == 2
+
+    # step 0 is the base model: the same metrics as scoring with the plain LLM
+    examples = val_examples(cfg)
+    assert len(examples) == 4
+    zero_shot = ranking_metrics(base_ranker(cfg).score(examples), examples)
+    assert {k: metrics["history"][0][k] for k in zero_shot} == pytest.approx(zero_shot)
+
+
+def test_saved_adapter_reproduces_the_trained_scores(tiny_rank_config, tmp_path):
+    cfg = tiny_rank_config()
+    ft = Finetuner(cfg, tmp_path / "rank", progress=False)
+    ft.run()
+    trained = ft.ranker.score(ft.val)
+    with ft.model.disable_adapter():
+        untouched = ft.ranker.score(ft.val)
+    assert not torch.allclose(trained, untouched, atol=1e-4)  # training changed the scores
+
+    ft.state.best = -1.0  # make the final model the best one, so that it is saved
+    ft._validate()
+    base, tokenizer = load_llm(cfg.model, dtype="float32", device="cpu")
+    loaded = PeftModel.from_pretrained(base, tmp_path / "rank" / "adapter").eval()
+    again = Ranker(loaded, tokenizer, ft.ds.titles, batch_size=2).score(ft.val)
+    torch.testing.assert_close(again, trained, atol=1e-5, rtol=1e-5)
+
+
+def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(tiny_rank_run, tiny_rank_config,
+                                                                  tmp_path, monkeypatch):
+    cfg = tiny_rank_config()
+    out = tmp_path / "rank"
+    original_loss = Finetuner._batch_loss
+    calls = {"n": 0, "limit": 1}
+
+    def loss(self, examples):
+        calls["n"] += 1
+        if calls["n"] > calls["limit"]:
+            raise Interrupted
+        return original_loss(self, examples)
+
+    monkeypatch.setattr(Finetuner, "_batch_loss", loss)
+    with pytest.raises(Interrupted):
+        finetune_ranker(cfg, out, progress=False)
+    state = json.loads((out / "last" / "state.json").read_text())
+    assert (state["step"], state["example"], state["finished"]) == (1, 4, False)
+    assert not (out / "train_metrics.json").exists()
+
+    resumed = []
+    original_resume = Finetuner._resume
+
+    def spy(self):
+        ok = original_resume(self)
+        resumed.append((ok, self.state.step))
+        return ok
+
+    monkeypatch.setattr(Finetuner, "_resume", spy)
+    calls.update(n=0, limit=100)
+    metrics = finetune_ranker(cfg, out, progress=False)
+    assert resumed == [(True, 1)] and calls["n"] == 1  # only the second step was trained
+    assert metrics["steps"] == 2 and metrics["examples"] == 8
+
+    reference = json.loads((tiny_rank_run / "train_metrics.json").read_text())
+    assert metrics["history"] == reference["history"]
+    assert metrics["best_step"] == reference["best_step"]
+    for name in ("last/adapter.safetensors", "adapter/adapter_model.safetensors"):
+        got, ref = load_tensors(out / name)[0], load_tensors(tiny_rank_run / name)[0]
+        assert got.keys() == ref.keys() and got
+        for key in ref:
+            torch.testing.assert_close(got[key], ref[key], atol=1e-6, rtol=1e-6)
+
+
+def test_a_different_config_in_the_same_directory_is_refused(tiny_rank_run, tiny_rank_config, tmp_path):
+    out = tmp_path / "rank"
+    out.mkdir()
+    shutil.copy(tiny_rank_run / "rank_config.json", out / "rank_config.json")
+    with pytest.raises(LlamarecError, match=r"different config \(lora_r\)"):
+        finetune_ranker(tiny_rank_config(lora_r=4), out, progress=False)
+
+
+def test_paper_examples_mode(tiny_rank_config, tmp_path):
+    ft = Finetuner(tiny_rank_config(examples="paper", max_examples=6, epochs=2), tmp_path, progress=False)
+    assert len(ft.train) == 12 and ft.train[:6] == ft.train[6:]  # one pass per epoch
+    assert ft.total_steps == 3
+    for ex in ft.train:
+        assert len(set(ex.candidates)) == 20 and not set(ex.candidates) & set(ex.history)
+
+
+def test_unknown_target_modules_are_a_clear_error(tiny_rank_config, tmp_path):
+    with pytest.raises(LlamarecError, match="target_modules"):
+        Finetuner(tiny_rank_config(target_modules=["no_such_proj"]), tmp_path, progress=False)
