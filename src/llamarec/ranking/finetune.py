@@ -73,7 +73,13 @@ class Finetuner:
         del retriever
         prompt_cfg = PromptConfig.from_file(cfg.prompt_file) if cfg.prompt_file else PromptConfig()
         torch.manual_seed(cfg.seed)
-        base, self.tokenizer = load_llm(cfg.model, dtype=cfg.dtype, device=cfg.device,
+        # One process per GPU under `accelerate launch` / `torchrun`; a single process otherwise.
+        from accelerate import Accelerator
+
+        self.accelerator = Accelerator(cpu=cfg.device == "cpu")
+        multi = self.accelerator.num_processes > 1
+        device = str(self.accelerator.device) if multi else cfg.device
+        base, self.tokenizer = load_llm(cfg.model, dtype=cfg.dtype, device=device,
                                         load_in_4bit=cfg.load_in_4bit, gguf_file=cfg.gguf_file)
         self.model = attach_lora(base, cfg)
         self.ranker = Ranker(self.model, self.tokenizer, self.ds.titles, prompt_cfg, cfg.eval_batch_size)
@@ -84,7 +90,10 @@ class Finetuner:
             train = hard_negative_examples(self.ds, load_train_candidates(cfg.retriever),
                                            max_history=max_history, seed=cfg.seed,
                                            n_examples=cfg.max_examples)
-        self.train = train * cfg.epochs
+        # Each process takes every world-th example; equal shards keep the processes in step.
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        train = train * cfg.epochs
+        self.train = train[: len(train) - len(train) % world][rank::world]
         self.val = evaluation_examples(self.ds, load_candidates(cfg.retriever, "val"), "val",
                                        order="shuffled", max_history=max_history, seed=cfg.seed,
                                        limit=cfg.val_users)
@@ -92,6 +101,9 @@ class Finetuner:
             raise LlamarecError(f"{cfg.retriever}: no training or validation examples for the ranker")
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        # ``train_model`` is DDP-wrapped when several processes train; scoring and saving use
+        # the plain peft model.
+        self.train_model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.total_steps = math.ceil(len(self.train) / (cfg.batch_size * cfg.grad_accum))
         self.state = FinetuneState()
         self.device = next(self.model.parameters()).device
@@ -112,7 +124,7 @@ class Finetuner:
         autocast = (torch.autocast("cpu", dtype=torch.bfloat16)
                     if self.cfg.autocast_bf16 and self.device.type == "cpu" else contextlib.nullcontext())
         with autocast:
-            logits = next_token_logits(self.model, [e.input_ids[:-1] for e in encoded],
+            logits = next_token_logits(self.train_model, [e.input_ids[:-1] for e in encoded],
                                        0 if pad is None else pad)
         return torch.nn.functional.cross_entropy(logits.float(), answers)
 
@@ -122,16 +134,22 @@ class Finetuner:
         st.history.append({"step": st.step, **metrics})
         if metrics["NDCG@10"] > st.best:
             st.best, st.best_step, st.bad_evals = metrics["NDCG@10"], st.step, 0
-            with atomic_dir(self.out / ADAPTER_DIR) as tmp:
-                self.model.save_pretrained(tmp, safe_serialization=True)
-                self.tokenizer.save_pretrained(tmp)
+            if self.accelerator.is_main_process:
+                self._save_adapter()
         else:
             st.bad_evals += 1
         return metrics
 
+    def _save_adapter(self) -> None:
+        with atomic_dir(self.out / ADAPTER_DIR) as tmp:
+            self.model.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+
     def _save_last(self) -> None:
         from peft import get_peft_model_state_dict
 
+        if not self.accelerator.is_main_process:
+            return
         last = self.out / "last"
         save_tensors(last / "adapter.safetensors", get_peft_model_state_dict(self.model))
         tensors, meta = optimizer_tensors(self.optimizer)
@@ -168,7 +186,8 @@ class Finetuner:
         if not st.history:
             self._validate()  # step 0: the base model, so fine-tuning must beat zero-shot
             self._save_last()
-        bar = tqdm(total=self.total_steps, initial=st.step, disable=not self.progress, dynamic_ncols=True,
+        show = self.progress and self.accelerator.is_main_process
+        bar = tqdm(total=self.total_steps, initial=st.step, disable=not show, dynamic_ncols=True,
                    desc="LoRA" + (" (resumed)" if resumed else ""))
         started = time.perf_counter() - st.seconds
         self.model.train()
@@ -182,7 +201,7 @@ class Finetuner:
                 if not chunk:
                     break
                 loss = self._batch_loss(chunk) * len(chunk) / per_step
-                loss.backward()
+                self.accelerator.backward(loss)
                 losses.append(loss.item() * per_step / len(chunk))
                 st.example += len(chunk)
             self.optimizer.step()
