@@ -140,6 +140,21 @@ def dtype_drift(model_name: str | None, device: str, loaded: dict[str, tuple], t
             f"top-1 letter changed on {changed:.0%} of prompts")
 
 
+def random_model(args: argparse.Namespace) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """A random Llama of ``--random-shape`` with the tokenizer in ``--tokenizer``."""
+    from random_llama import random_llama
+    from transformers import AutoTokenizer
+
+    if args.tokenizer is None:
+        raise LlamarecError("--random-shape needs --tokenizer DIR")
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    tokenizer.padding_side = "left"
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+    device = "cpu" if device == "auto" else device
+    return random_llama(args.random_shape, len(tokenizer), getattr(torch, args.dtype), device), tokenizer
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -152,6 +167,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--n-gen", type=int, default=3, help="prompts for the generation baseline")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compare-dtypes", action="store_true")
+    parser.add_argument("--random-shape", choices=["llama-7b", "llama-1b"], default=None,
+                        help="time a randomly initialised Llama of this size instead of --model")
+    parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer directory for --random-shape")
     args = parser.parse_args()
     if args.n < 1 or args.batch < 1 or args.n_gen < 0:
         parser.error("--n and --batch must be at least 1, --n-gen at least 0")
@@ -164,7 +182,11 @@ def main() -> None:
     try:
         ds = load_dataset("ml-latest-small", args.data_dir)
         examples = benchmark_examples(ds, args.n, args.seed)
-        model, tokenizer = load_llm(args.model, dtype=args.dtype, device=args.device)
+        if args.random_shape:
+            model, tokenizer = random_model(args)
+            args.model = f"random {args.random_shape}"
+        else:
+            model, tokenizer = load_llm(args.model, dtype=args.dtype, device=args.device)
         rows = speed_rows(model, tokenizer, ds.titles, examples, args.batch, min(args.n_gen, args.n))
         device = next(model.parameters()).device
         console.print(speed_table(rows, f"{args.model or 'SmolLM2-135M-Instruct'}, {args.dtype}, {device}, "

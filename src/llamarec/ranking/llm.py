@@ -28,7 +28,6 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     BitsAndBytesConfig,
-    GgufConfig,
     PreTrainedTokenizerBase,
 )
 
@@ -245,6 +244,8 @@ def load_llm(
                 f"load_in_4bit needs a Hugging Face checkpoint, not the GGUF file "
                 f"{source.gguf_file}; pass a hub id or a model directory"
             )
+        from transformers import GgufConfig  # recent transformers only; needed for GGUF files alone
+
         # Unpacked into plain dense layers, so LoRA can wrap them and the model can be trained.
         quantization = GgufConfig(dequantize=True)
     kwargs: dict = {"dtype": torch_dtype, "device_map": str(target)}
