@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llamarec.errors import LlamarecError
-from llamarec.io import atomic_path
+from llamarec.io import atomic_path, write_json
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> None:
@@ -49,3 +49,27 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_training_state(directory: Path, weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                        rng: dict[str, torch.Tensor], state: dict) -> None:
+    """A resumable checkpoint: trainable weights, optimizer state, RNG states and a JSON state."""
+    opt_tensors, opt_meta = optimizer_tensors(optimizer)
+    save_tensors(directory / "weights.safetensors", weights)
+    save_tensors(directory / "optimizer.safetensors",
+                 {**opt_tensors, **{f"rng.{k}": v for k, v in rng.items()}}, opt_meta)
+    write_json(directory / "state.json", state)
+
+
+def load_training_state(directory: Path, optimizer: torch.optim.Optimizer
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict] | None:
+    """Restore the optimizer from a checkpoint of :func:`save_training_state`; returns
+    ``(weights, rng, state)``, or None when there is no checkpoint."""
+    if not (directory / "state.json").is_file():
+        return None
+    state = json.loads((directory / "state.json").read_text())
+    weights, _ = load_tensors(directory / "weights.safetensors")
+    tensors, meta = load_tensors(directory / "optimizer.safetensors")
+    rng = {k.removeprefix("rng."): tensors.pop(k) for k in list(tensors) if k.startswith("rng.")}
+    restore_optimizer(optimizer, tensors, meta)
+    return weights, rng, state

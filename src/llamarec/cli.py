@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from llamarec.configs import read_config_file, validate
 from llamarec.errors import LlamarecError
 
 app = typer.Typer(help="LLM-based two-stage recommendation: retrieve with a sequential model, "
@@ -69,33 +70,6 @@ retrieve_app = typer.Typer(help="Stage 1: train sequential retrievers and write 
 app.add_typer(retrieve_app, name="retrieve")
 
 
-def load_config_file(path: Path | None) -> dict:
-    """Read a YAML or JSON config file into a dict (empty when no file is given)."""
-    if path is None:
-        return {}
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise LlamarecError(f"{path}: cannot read config ({exc})") from None
-    if not isinstance(data, dict):
-        raise LlamarecError(f"{path}: expected a mapping of option names to values")
-    return data
-
-
-def validated(model_cls, values: dict, source: str):
-    """Build a pydantic config, turning validation errors into one line naming the field."""
-    from pydantic import ValidationError
-
-    try:
-        return model_cls.model_validate(values)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "config"
-        raise LlamarecError(f"{source}: {field}: {err['msg']} (got {err.get('input')!r})") from None
-
-
 @retrieve_app.command("train")
 def retrieve_train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to write.")],
@@ -122,7 +96,7 @@ def retrieve_train(
     from llamarec.retrieval.config import RetrievalConfig
     from llamarec.retrieval.train import train_retriever
 
-    values = load_config_file(config)
+    values = read_config_file(config) if config else {}
     given = {k: v for k, v in dict(
         dataset=dataset, data_dir=data_dir, model=model, hidden=hidden, n_blocks=n_blocks,
         dropout=dropout, attn_dropout=attn_dropout, max_len=max_len, batch_size=batch_size,
@@ -131,7 +105,7 @@ def retrieve_train(
     values.update(given)
     if "dataset" not in values:
         raise LlamarecError("retrieve train: --dataset is required (or `dataset:` in --config)")
-    cfg = validated(RetrievalConfig, values, str(config or "options"))
+    cfg = validate(RetrievalConfig, values, str(config or "options"))
     metrics = train_retriever(cfg, out)
     summary = {f"test {k}": round(v, 4) for k, v in metrics["test"].items() if k.split("@")[1] in ("5", "10")}
     summary.update(steps=metrics["steps"], best_step=metrics["best_step"], seconds=metrics["train_seconds"])
@@ -186,14 +160,14 @@ def rank_train(
     from llamarec.ranking.config import RankConfig
     from llamarec.ranking.finetune import finetune_ranker
 
-    values = load_config_file(config)
+    values = read_config_file(config) if config else {}
     values.update({k: v for k, v in dict(
         retriever=retriever, model=model, examples=examples, max_examples=max_examples,
         batch_size=batch_size, grad_accum=grad_accum, lr=lr, eval_every=eval_every, val_users=val_users,
         load_in_4bit=load_in_4bit, dtype=dtype, device=device).items() if v is not None})
     if "retriever" not in values:
         raise LlamarecError("rank train: --retriever is required (or `retriever:` in --config)")
-    cfg = validated(RankConfig, values, str(config or "options"))
+    cfg = validate(RankConfig, values, str(config or "options"))
     metrics = finetune_ranker(cfg, out)
     summary = {"best val NDCG@10": round(metrics["best_val_NDCG@10"], 4),
                "zero-shot val NDCG@10": round(metrics["history"][0]["NDCG@10"], 4),

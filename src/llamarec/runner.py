@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 
+from llamarec.configs import read_config_file, validate
 from llamarec.errors import LlamarecError
 from llamarec.io import write_json, write_text
 from llamarec.pipeline import METRICS_FILE, RANKER_DIR, RETRIEVER_DIR
@@ -57,20 +58,11 @@ class PipelineConfig(BaseModel):
     evaluation: EvalOptions = Field(default_factory=EvalOptions)
 
     def retrieval_config(self) -> RetrievalConfig:
-        return _section(RetrievalConfig, {**self.retriever, "dataset": self.dataset, "data_dir": self.data_dir},
-                        "retriever")
+        values = {**self.retriever, "dataset": self.dataset, "data_dir": self.data_dir}
+        return validate(RetrievalConfig, values, "config section retriever")
 
     def rank_config(self, run_dir: Path) -> RankConfig:
-        return _section(RankConfig, {**self.ranker, "retriever": run_dir / RETRIEVER_DIR}, "ranker")
-
-
-def _section(model_cls, values: dict, name: str):
-    try:
-        return model_cls.model_validate(values)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise LlamarecError(f"config {name}.{where}: {err['msg']} (got {err.get('input')!r})") from None
+        return validate(RankConfig, {**self.ranker, "retriever": run_dir / RETRIEVER_DIR}, "config section ranker")
 
 
 def preset_path(name: str) -> Path:
@@ -84,18 +76,9 @@ def preset_path(name: str) -> Path:
 def load_pipeline_config(path: Path | None, overrides: dict[str, Any]) -> PipelineConfig:
     """A preset or config file (default preset when none), with top-level overrides."""
     path = path or preset_path("default")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise LlamarecError(f"{path}: cannot read config ({' '.join(str(exc).split())})") from None
-    if not isinstance(data, dict):
-        raise LlamarecError(f"{path}: expected a mapping of sections")
+    data = read_config_file(path)
     data.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        cfg = PipelineConfig.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise LlamarecError(f"{path}: {'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from None
+    cfg = validate(PipelineConfig, data, str(path))
     cfg.retrieval_config()  # fail fast on a bad section
     return cfg
 

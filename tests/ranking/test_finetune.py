@@ -156,7 +156,7 @@ def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(tiny_rank_run,
     reference = json.loads((tiny_rank_run / "train_metrics.json").read_text())
     assert metrics["history"] == reference["history"]
     assert metrics["best_step"] == reference["best_step"]
-    for name in ("last/adapter.safetensors", "adapter/adapter_model.safetensors"):
+    for name in ("last/weights.safetensors", "adapter/adapter_model.safetensors"):
         got, ref = load_tensors(out / name)[0], load_tensors(tiny_rank_run / name)[0]
         assert got.keys() == ref.keys() and got
         for key in ref:

@@ -210,7 +210,7 @@ def test_config_from_yaml_and_json(tmp_path):
         ("bad.yaml", "colour: red\n", "colour"),
         ("bad.yaml", "max_history: 0\n", "max_history"),
         ("bad.yaml", "- a list\n", "mapping"),
-        ("bad.json", "{not json", "cannot parse"),
+        ("bad.json", "{not json", "cannot read config"),
         ("bad.toml", "", "must be a .yaml"),
     ],
 )

@@ -145,7 +145,7 @@ def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(
     reference = json.loads((reference_run / "metrics.json").read_text())
     for key in ("val", "test", "best_step", "history"):
         assert metrics[key] == reference[key], key
-    for name in ("model.safetensors", "last/model.safetensors"):
+    for name in ("model.safetensors", "last/weights.safetensors"):
         got, ref = load_tensors(out / name)[0], load_tensors(reference_run / name)[0]
         assert got.keys() == ref.keys()
         for key in ref:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from llamarec.checkpoint import load_tensors, optimizer_tensors, restore_optimizer, save_tensors
+from llamarec.checkpoint import load_training_state, save_training_state
 from llamarec.errors import LlamarecError
 from llamarec.io import atomic_dir, write_json
 from llamarec.metrics import metrics_from_ranks, target_ranks
@@ -148,25 +148,20 @@ class Finetuner:
     def _save_last(self) -> None:
         from peft import get_peft_model_state_dict
 
-        if not self.accelerator.is_main_process:
-            return
-        last = self.out / "last"
-        save_tensors(last / "adapter.safetensors", get_peft_model_state_dict(self.model))
-        tensors, meta = optimizer_tensors(self.optimizer)
-        save_tensors(last / "optimizer.safetensors", {**tensors, "rng.torch": torch.get_rng_state()}, meta)
-        write_json(last / "state.json", self.state.__dict__)
+        if self.accelerator.is_main_process:
+            save_training_state(self.out / "last", get_peft_model_state_dict(self.model), self.optimizer,
+                                {"torch": torch.get_rng_state()}, self.state.__dict__)
 
     def _resume(self) -> bool:
         from peft import set_peft_model_state_dict
 
-        last = self.out / "last"
-        if not (last / "state.json").is_file():
+        restored = load_training_state(self.out / "last", self.optimizer)
+        if restored is None:
             return False
-        self.state = FinetuneState(**json.loads((last / "state.json").read_text()))
-        set_peft_model_state_dict(self.model, load_tensors(last / "adapter.safetensors")[0])
-        tensors, meta = load_tensors(last / "optimizer.safetensors")
-        torch.set_rng_state(tensors.pop("rng.torch"))
-        restore_optimizer(self.optimizer, tensors, meta)
+        weights, rng, state = restored
+        self.state = FinetuneState(**state)
+        set_peft_model_state_dict(self.model, weights)
+        torch.set_rng_state(rng["torch"])
         return True
 
     def _check_config(self) -> None:

@@ -17,7 +17,6 @@ always encoded with the tokenizer's default special tokens (``add_special_tokens
 
 from __future__ import annotations
 
-import json
 import re
 import string
 import unicodedata
@@ -26,16 +25,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     ValidationInfo,
     field_validator,
 )
 
+from llamarec.configs import read_config_file, validate
 from llamarec.errors import LlamarecError
 
 if TYPE_CHECKING:
@@ -108,25 +106,7 @@ class PromptConfig(BaseModel):
         path = Path(path)
         if path.suffix.lower() not in {".yaml", ".yml", ".json"}:
             raise LlamarecError(f"{path}: prompt config must be a .yaml, .yml or .json file")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise LlamarecError(f"{path}: cannot read prompt config ({exc.strerror})") from exc
-        try:
-            data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as exc:
-            detail = " ".join(str(exc).split())
-            raise LlamarecError(f"{path}: cannot parse prompt config: {detail}") from exc
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise LlamarecError(f"{path}: prompt config must be a mapping of field: value")
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            where = ".".join(str(part) for part in err["loc"]) or "config"
-            raise LlamarecError(f"{path}: {where}: {err['msg']}") from exc
+        return validate(cls, read_config_file(path), str(path))
 
 
 _INDEX_MARKER = re.compile(r"\(\s*([A-Za-z]|\d{1,3})\s*\)")

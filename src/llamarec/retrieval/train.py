@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from llamarec.checkpoint import load_tensors, optimizer_tensors, restore_optimizer, save_tensors
+from llamarec.checkpoint import load_tensors, load_training_state, save_tensors, save_training_state
 from llamarec.data import Dataset, load_dataset
 from llamarec.data.split import eval_examples, train_sequence
 from llamarec.errors import LlamarecError
@@ -85,24 +85,18 @@ class Trainer:
                           "data": self.ds.stats()})
 
     def _save_last(self) -> None:
-        last = self.out / "last"
-        opt_tensors, opt_meta = optimizer_tensors(self.optimizer)
-        save_tensors(last / "model.safetensors", self.model.state_dict())
         rng = {"torch": torch.get_rng_state(), "mask": self.mask_rng.get_state()}
-        save_tensors(last / "optimizer.safetensors", {**opt_tensors, **{f"rng.{k}": v for k, v in rng.items()}},
-                     opt_meta)
-        write_json(last / "state.json", self.state.__dict__)
+        save_training_state(self.out / "last", self.model.state_dict(), self.optimizer, rng, self.state.__dict__)
 
     def _resume(self) -> bool:
-        last = self.out / "last"
-        if not (last / "state.json").is_file():
+        restored = load_training_state(self.out / "last", self.optimizer)
+        if restored is None:
             return False
-        self.state = TrainState(**json.loads((last / "state.json").read_text()))
-        self.model.load_state_dict(load_tensors(last / "model.safetensors")[0])
-        tensors, meta = load_tensors(last / "optimizer.safetensors")
-        torch.set_rng_state(tensors.pop("rng.torch"))
-        self.mask_rng.set_state(tensors.pop("rng.mask"))
-        restore_optimizer(self.optimizer, tensors, meta)
+        weights, rng, state = restored
+        self.state = TrainState(**state)
+        self.model.load_state_dict(weights)
+        torch.set_rng_state(rng["torch"])
+        self.mask_rng.set_state(rng["mask"])
         return True
 
     # -- loop ----------------------------------------------------------------------------------
