@@ -181,3 +181,77 @@ def tiny_rank_run(_tiny_llm_store: dict, tiny_rank_config, session_cache: Path,
             finetune_ranker(tiny_rank_config(), out, progress=False)
         _tiny_llm_store["run"] = out
     return _tiny_llm_store["run"]
+
+
+# --------------------------------------------------------------------------- tiny pipeline runs
+# ``llamarec run`` on the tiny world: the same tiny Llama as ``tiny_llm_dir`` (usable outside
+# tests/ranking), a pipeline config whose stages take seconds, and one finished run.
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_path(_tiny_llm_store: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random Llama of ``tiny_llm_dir`` saved in a folder, for any test; built once."""
+    if "llm" not in _tiny_llm_store:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location(
+            "_llamarec_tiny_llm_builders", Path(__file__).parent / "ranking" / "conftest.py")
+        builders = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(builders)
+        tokenizer = builders.build_char_tokenizer()
+        path = tmp_path_factory.mktemp("tiny-llm")
+        builders.build_tiny_llama(len(tokenizer)).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        _tiny_llm_store["llm"] = path
+    return _tiny_llm_store["llm"]
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_values(tiny_data_dir: Path, tiny_llm_path: Path) -> Callable[..., dict]:
+    """``make(**sections)``: the tiny pipeline config as plain data (what a YAML file holds);
+    a dict given for a section updates that section's options, anything else replaces it."""
+
+    def make(**sections) -> dict:
+        values = {
+            "dataset": "custom",
+            "data_dir": str(tiny_data_dir),
+            "retriever": {"model": "lru", "hidden": 8, "n_blocks": 1, "max_len": 10, "batch_size": 8,
+                          "max_epochs": 2, "eval_every": 3},
+            "candidates": {"k": 20, "train_prefixes": 30},
+            "ranker": {"model": str(tiny_llm_path), "device": "cpu", "max_examples": 8, "batch_size": 4,
+                       "eval_every": 1, "val_users": 4, "dtype": "float32", "autocast_bf16": False,
+                       "eval_batch_size": 4, "target_modules": ["q_proj", "v_proj"], "lr": 1e-2,
+                       "warmup_steps": 0},
+            "evaluation": {"limit": 4},
+        }
+        for name, section in sections.items():
+            current = values.get(name)
+            values[name] = {**current, **section} if isinstance(current, dict) and isinstance(section, dict) \
+                else section
+        return values
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_run(tiny_pipeline_values, session_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished ``llamarec run`` of ``tiny_pipeline_values()`` (all six stages); read-only:
+    copy it with ``copy_tiny_run`` to change it."""
+    from llamarec.runner import PipelineConfig, run_pipeline
+
+    out = tmp_path_factory.mktemp("tiny-pipeline") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LLAMAREC_CACHE", str(session_cache))
+        run_pipeline(PipelineConfig.model_validate(tiny_pipeline_values()), out, progress=False)
+    return out
+
+
+@pytest.fixture
+def copy_tiny_run(tiny_pipeline_run: Path, tmp_path: Path) -> Callable[..., Path]:
+    """``copy(name="run")``: a private copy of ``tiny_pipeline_run`` under the test's tmp_path."""
+    import shutil
+
+    def copy(name: str = "run") -> Path:
+        return Path(shutil.copytree(tiny_pipeline_run, tmp_path / name))
+
+    return copy

@@ -107,9 +107,14 @@ def retrieve_train(
         raise LlamarecError("retrieve train: --dataset is required (or `dataset:` in --config)")
     cfg = validate(RetrievalConfig, values, str(config or "options"))
     metrics = train_retriever(cfg, out)
-    summary = {f"test {k}": round(v, 4) for k, v in metrics["test"].items() if k.split("@")[1] in ("5", "10")}
-    summary.update(steps=metrics["steps"], best_step=metrics["best_step"], seconds=metrics["train_seconds"])
-    print_mapping(f"{cfg.model} on {cfg.dataset}", summary, as_json)
+    if as_json:
+        print(json.dumps({k: v for k, v in metrics.items() if k != "history"}, indent=2))
+        return
+    table = Table("split", *metrics["test"], title=f"{cfg.model} on {cfg.dataset}: best of {metrics['steps']} "
+                  f"iterations at {metrics['best_step']} ({metrics['train_seconds']:.0f} s)")
+    for split in ("val", "test"):
+        table.add_row(split, *(f"{v:.4f}" for v in metrics[split].values()))
+    console.print(table)
 
 
 @retrieve_app.command("candidates")
@@ -184,6 +189,7 @@ def rank_evaluate(
     permutations: Annotated[int, typer.Option(help="Orders averaged with --order average.")] = 3,
     limit: Annotated[int | None, typer.Option(help="Evaluate at most this many valid users per split.")] = None,
     out: Annotated[Path | None, typer.Option(help="Output directory (default inside RANKER).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="Override the run's dtype: float32, bfloat16, ...")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Evaluate ranker vs retriever (valid subset and overall, with fusion) and write metrics.json."""
@@ -192,7 +198,7 @@ def rank_evaluate(
     if order not in ("retriever", "shuffled", "average"):
         raise LlamarecError(f"--order {order!r}: expected retriever, shuffled or average")
     results = evaluate_ranker(ranker, zero_shot=zero_shot, order=order, permutations=permutations,
-                              limit=limit, out=out)
+                              limit=limit, out=out, dtype=dtype)
     if as_json:
         print(json.dumps(results, indent=2))
         return

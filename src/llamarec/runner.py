@@ -98,7 +98,9 @@ class Runner:
             "data": {"dataset": c.dataset, "data_dir": str(c.data_dir)},
             "retriever": json.loads(c.retrieval_config().model_dump_json()),
             "candidates": c.candidates.model_dump(),
-            "ranker": json.loads(self.rank_cfg.model_dump_json()),
+            # Not the retriever's path: it only says where the run directory is, and the stages
+            # before this one are in the key already.
+            "ranker": json.loads(self.rank_cfg.model_dump_json(exclude={"retriever"})),
             "evaluate": c.evaluation.model_dump(),
             "report": {},
         }
@@ -126,7 +128,12 @@ class Runner:
                 console.print(f"[green]✓[/] {stage}: up to date (skipped)")
                 continue
             if redo:
-                self._clear(stage)
+                # Forget this stage and those after it on disk before any work, so that an
+                # interruption cannot leave stages.json vouching for outputs just removed.
+                for later in STAGES[STAGES.index(stage):]:
+                    self._clear(later)
+                    done.pop(later, None)
+                write_json(state_path, done)
             done.pop(stage, None)
             start = time.perf_counter()
             summary = steps[stage]()
@@ -138,9 +145,12 @@ class Runner:
     def _clear(self, stage: str) -> None:
         """Remove what a stage wrote so it starts afresh (its config changed or was forced)."""
         paths = {"retriever": [self.out / RETRIEVER_DIR], "ranker": [self.out / RANKER_DIR],
-                 "evaluate": [self.out / RANKER_DIR / EVAL_DIR]}.get(stage, [])
+                 "evaluate": [self.out / RANKER_DIR / EVAL_DIR, self.out / METRICS_FILE]}.get(stage, [])
         for path in paths:
-            shutil.rmtree(path, ignore_errors=True)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
     # -- stages ---------------------------------------------------------------------------------
     def _data(self) -> str:

@@ -78,19 +78,20 @@ def _views(cands: Candidates, ranks: dict[str, torch.Tensor]) -> dict[str, dict]
 
 def evaluate_ranker(rank_dir: Path, *, zero_shot: bool = False, order: EvalOrder = "retriever",
                     permutations: int = 3, limit: int | None = None, out: Path | None = None,
-                    seed: int = 0) -> dict:
+                    seed: int = 0, dtype: str | None = None) -> dict:
     """Score validation and test valid-subset users, tune fusion on validation, write
     ``metrics.json`` and ``ranks.csv`` (one row per evaluated user and split) into ``out``.
 
     ``limit`` scores only the first ``limit`` valid users of each split (the same users for
-    every method), for quick runs on a CPU.
+    every method), for quick runs on a CPU; ``dtype`` overrides the run's dtype (e.g. to
+    compare bfloat16 with float32 scoring).
     """
     path = rank_dir / CONFIG_FILE
     if not path.is_file():
         raise LlamarecError(f"{rank_dir}: not a ranker run ({CONFIG_FILE} missing)")
     cfg = RankConfig.model_validate(json.loads(path.read_text()))
     _, _, ds = load_retriever(cfg.retriever)
-    model, tokenizer = load_llm(cfg.model, dtype=cfg.dtype, device=cfg.device,
+    model, tokenizer = load_llm(cfg.model, dtype=dtype or cfg.dtype, device=cfg.device,
                                 load_in_4bit=cfg.load_in_4bit, gguf_file=cfg.gguf_file)
     if not zero_shot:
         from peft import PeftModel
@@ -102,6 +103,7 @@ def evaluate_ranker(rank_dir: Path, *, zero_shot: bool = False, order: EvalOrder
     ranker = Ranker(model, tokenizer, ds.titles, prompt_cfg, cfg.eval_batch_size)
     example_order = "retriever" if order == "retriever" else "shuffled"
     results: dict = {"ranker": str(rank_dir), "zero_shot": zero_shot, "order": order,
+                     "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
                      "permutations": permutations if order == "average" else 1}
     scored = {}
     for split in ("val", "test"):
