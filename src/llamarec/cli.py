@@ -252,12 +252,20 @@ def recommend(
     k: Annotated[int, typer.Option("-k", help="Number of recommendations (at most 20).")] = 10,
     no_ranker: Annotated[bool, typer.Option("--no-ranker", help="Retriever only.")] = False,
     as_json: JsonOpt = False,
+    more: Annotated[list[str] | None, typer.Argument(hidden=True, metavar="ITEM")] = None,
 ) -> None:
     """Recommend items for a new history."""
     from dataclasses import asdict
 
     from llamarec.pipeline import Recommender
 
+    # Click options take one value each: the values after the first of `--history A B C`
+    # arrive as arguments. Their place among repeated --history options is unknown.
+    if more:
+        if len(history) > 1:
+            raise LlamarecError("--history: give the items after one --history, or repeat --history "
+                                "before each item, not both")
+        history = [*history, *more]
     rec = Recommender.load(run, with_ranker=not no_ranker)
     result = rec.recommend(history, k=k)
     if as_json:

@@ -61,11 +61,15 @@ class Recommender:
         run_dir = Path(run_dir)
         retriever_dir = run_dir / RETRIEVER_DIR if (run_dir / RETRIEVER_DIR).is_dir() else run_dir
         model, cfg, ds = load_retriever(retriever_dir)
-        ranker, weight = None, float("inf")
+        ranker, weight, n_candidates = None, float("inf"), 20
         if with_ranker and (run_dir / RANKER_DIR / "adapter").is_dir():
             ranker = _load_ranker(run_dir / RANKER_DIR, ds)
             weight = _fusion_weight(run_dir)
-        return cls(model, cfg.max_len, ds, ranker, weight)
+            # The ranker was fine-tuned, and the fusion weight tuned, on the run's top-k candidates.
+            candidates = retriever_dir / "candidates.json"
+            if candidates.is_file():
+                n_candidates = int(json.loads(candidates.read_text())["k"])
+        return cls(model, cfg.max_len, ds, ranker, weight, n_candidates)
 
     # -- history resolution ---------------------------------------------------------------------
     def resolve_item(self, entry: int | str) -> int:
@@ -94,6 +98,8 @@ class Recommender:
         batched pass."""
         if not 1 <= k <= self.n_candidates:
             raise LlamarecError(f"k={k}: must be between 1 and the number of candidates ({self.n_candidates})")
+        if not histories:
+            return []
         dense = []
         for hist in histories:
             if not hist:

@@ -1,0 +1,161 @@
+"""The Recommender: loading a run, resolving history entries, recommending with and without the ranker."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llamarec.errors import LlamarecError
+from llamarec.pipeline import Recommender
+from llamarec.ranking.evaluate import fuse
+from llamarec.retrieval.evaluate import top_k
+
+HISTORY = ["3", "Item 4", "item 5"]  # a raw id, an exact title, a title in another case
+
+
+@pytest.fixture
+def rec(tiny_pipeline_run: Path) -> Recommender:
+    return Recommender.load(tiny_pipeline_run)
+
+
+def ids(result) -> list[str]:
+    return [r.item_id for r in result.items]
+
+
+def test_load_finds_the_ranker_and_the_tuned_fusion_weight(rec: Recommender, tiny_pipeline_run: Path) -> None:
+    assert rec.ranker is not None
+    assert rec.n_candidates == 20
+    metrics = json.loads((tiny_pipeline_run / "metrics.json").read_text())
+    assert rec.fusion_weight == metrics["ranker"]["fusion"]["weight"]
+
+
+def test_recommend_returns_k_new_items_best_first(rec: Recommender) -> None:
+    result = rec.recommend(HISTORY, k=7)
+    assert len(result.items) == 7
+    assert len(set(ids(result))) == 7
+    assert not set(ids(result)) & {"3", "4", "5"}
+    assert all(r.title == f"Item {r.item_id}" for r in result.items)
+    scores = [r.score for r in result.items]
+    assert scores == sorted(scores, reverse=True)
+    assert all(isinstance(r.ranker_score, float) and isinstance(r.retriever_score, float) for r in result.items)
+    assert all(np.isfinite([r.score, r.retriever_score, r.ranker_score]).all() for r in result.items)
+    assert result.retrieval_ms > 0 and result.ranking_ms > 0
+
+
+def test_the_final_score_fuses_ranker_and_retriever_over_the_candidates(rec: Recommender) -> None:
+    """With k = all 20 candidates the scores are exactly fuse(ranker, retriever, weight)."""
+    result = rec.recommend(HISTORY, k=20)
+    llm = torch.tensor([[r.ranker_score for r in result.items]])
+    ret = torch.tensor([[r.retriever_score for r in result.items]])
+    expected = fuse(llm, ret, rec.fusion_weight)[0]
+    assert [r.score for r in result.items] == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+def test_with_fusion_weight_zero_the_ranker_alone_orders_the_candidates(rec: Recommender) -> None:
+    ranker_only = Recommender(rec.retriever, rec.max_len, rec.ds, rec.ranker, fusion_weight=0.0)
+    result = ranker_only.recommend(HISTORY, k=20)
+    llm = [r.ranker_score for r in result.items]
+    assert llm == sorted(llm, reverse=True)
+    assert sorted(ids(result)) == sorted(ids(rec.recommend(HISTORY, k=20)))  # the same candidates
+
+
+def test_history_entries_resolve_by_id_title_or_case_insensitive_title(rec: Recommender) -> None:
+    assert rec.resolve_item("3") == rec.resolve_item(3) == rec.resolve_item("Item 3") == rec.resolve_item(" item 3 ")
+    assert rec.ds.item_raw_ids[rec.resolve_item("Item 3")] == "3"
+    by_id = rec.recommend(["3", "4", "5"], k=5)
+    by_title = rec.recommend(["ITEM 3", "Item 4", "item 5"], k=5)
+    assert ids(by_id) == ids(by_title)
+
+
+def test_an_ambiguous_title_lists_the_item_ids(rec: Recommender) -> None:
+    titles = list(rec.ds.titles)
+    titles[6] = "ITEM 5"  # item "6" now differs from item "5" only in case
+    twin = Recommender(rec.retriever, rec.max_len, dataclasses.replace(rec.ds, titles=titles))
+    assert rec.ds.titles[6] == "Item 6"  # the loaded dataset is untouched
+    assert twin.resolve_item("Item 5") == 5  # an exact title wins
+    assert twin.resolve_item("ITEM 5") == 6
+    with pytest.raises(LlamarecError, match=r"'item 5' matches several items \(ids 5, 6\)"):
+        twin.recommend(["item 5"])
+
+
+def test_an_unknown_title_suggests_close_matches(rec: Recommender) -> None:
+    with pytest.raises(LlamarecError, match="close matches: .*Item 41") as info:
+        rec.recommend(["Itme 41"])
+    assert "'Itme 41' is neither an item id nor a title of custom" in str(info.value)
+    with pytest.raises(LlamarecError, match="neither an item id nor a title") as info:
+        rec.recommend(["Casablanca"])
+    assert "close matches" not in str(info.value)
+
+
+@pytest.mark.parametrize("k", [0, 21])
+def test_k_must_fit_the_candidates(rec: Recommender, k: int) -> None:
+    with pytest.raises(LlamarecError, match=f"k={k}: must be between 1 and the number of candidates \\(20\\)"):
+        rec.recommend(HISTORY, k=k)
+
+
+def test_an_empty_history_is_an_error(rec: Recommender) -> None:
+    with pytest.raises(LlamarecError, match="at least one item"):
+        rec.recommend([])
+    with pytest.raises(LlamarecError, match="at least one item"):
+        rec.recommend_batch([["3"], []])
+
+
+def test_recommend_batch_equals_single_calls(rec: Recommender) -> None:
+    histories = [["1"], ["Item 10", "11", "item 12", "13", "14", "15", "16", "17", "18", "19", "20", "21"],
+                 ["40", "Item 2"]]
+    batch = rec.recommend_batch(histories, k=8)
+    assert len(batch) == 3
+    for history, got in zip(histories, batch):
+        single = rec.recommend(history, k=8)
+        assert ids(got) == ids(single)
+        for a, b in zip(got.items, single.items):
+            assert a.score == pytest.approx(b.score, abs=1e-5)
+            assert a.ranker_score == pytest.approx(b.ranker_score, abs=1e-5)
+            assert a.retriever_score == pytest.approx(b.retriever_score, abs=1e-5)
+    assert rec.recommend_batch([], k=8) == []
+
+
+def test_without_the_ranker_the_retriever_orders_the_items(rec: Recommender, tiny_pipeline_run: Path) -> None:
+    plain = Recommender.load(tiny_pipeline_run, with_ranker=False)
+    assert plain.ranker is None
+    result = plain.recommend(HISTORY, k=20)
+    assert all(r.ranker_score is None and r.score == r.retriever_score for r in result.items)
+    dense = np.array([plain.resolve_item(e) for e in HISTORY])
+    items, scores = top_k(plain.retriever, [dense], 20, plain.max_len)
+    assert ids(result) == [plain.ds.item_raw_ids[i] for i in items[0]]
+    assert [r.score for r in result.items] == pytest.approx(scores[0].tolist(), abs=1e-6)
+    # The ranker reorders the same candidates.
+    assert sorted(ids(result)) == sorted(ids(rec.recommend(HISTORY, k=20)))
+
+
+def test_a_bare_retriever_run_loads(tiny_pipeline_run: Path) -> None:
+    bare = Recommender.load(tiny_pipeline_run / "retriever")
+    assert bare.ranker is None
+    plain = Recommender.load(tiny_pipeline_run, with_ranker=False)
+    assert ids(bare.recommend(HISTORY, k=10)) == ids(plain.recommend(HISTORY, k=10))
+
+
+def test_not_a_run_directory_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(LlamarecError, match="not a retriever run"):
+        Recommender.load(tmp_path)
+
+
+def test_a_run_with_fewer_candidates_recommends_among_those(
+        copy_tiny_run, tiny_pipeline_values, tmp_path: Path) -> None:
+    """The ranker was fine-tuned and its fusion weight tuned on k candidates: it ranks k."""
+    from llamarec.runner import PipelineConfig, run_pipeline
+
+    run = copy_tiny_run()
+    run_pipeline(PipelineConfig.model_validate(tiny_pipeline_values(candidates={"k": 10})), run, progress=False)
+    rec = Recommender.load(run)
+    assert rec.n_candidates == 10
+    assert len(rec.recommend(HISTORY, k=10).items) == 10
+    with pytest.raises(LlamarecError, match="number of candidates \\(10\\)"):
+        rec.recommend(HISTORY, k=11)
+    # The retriever alone is not limited by the ranker's candidates.
+    assert len(Recommender.load(run, with_ranker=False).recommend(HISTORY, k=20).items) == 20
