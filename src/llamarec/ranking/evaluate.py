@@ -128,7 +128,8 @@ def evaluate_ranker(rank_dir: Path, *, zero_shot: bool = False, order: EvalOrder
                   **{f"{name}_rank": int(r[i]) for name, r in ranks.items()}}
                  for i, ex in enumerate(examples)]
     results["fusion"] = {"weight": weight, "val_NDCG@10_by_weight": {str(k): v for k, v in grid.items()}}
-    out = out or rank_dir / f"eval-{'zero-shot' if zero_shot else 'finetuned'}-{order}"
+    out = out or rank_dir / (f"eval-{'zero-shot' if zero_shot else 'finetuned'}-{order}"
+                             + (f"-{dtype}" if dtype else "") + (f"-limit{limit}" if limit else ""))
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", results)
     with atomic_path(out / "ranks.csv") as tmp:
