@@ -80,7 +80,7 @@ class Trainer:
         if saved is not None and saved != current:
             diff = sorted(k for k in current if saved.get(k) != current[k])
             raise LlamarecError(f"{self.out}: holds a run with a different config ({', '.join(diff)}); "
-                                "use another --out or --force")
+                                "use another --out")
         write_json(path, {"train": current, "model": model_config(self.cfg, self.ds.n_items).to_dict(),
                           "data": self.ds.stats()})
 
