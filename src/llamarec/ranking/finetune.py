@@ -215,7 +215,7 @@ class Finetuner:
         st.seconds = time.perf_counter() - started
         self._save_last()
         metrics = {"best_step": st.best_step, "best_val_NDCG@10": st.best, "steps": st.step,
-                   "examples": st.example, "train_seconds": round(st.seconds, 1),
+                   "examples": st.example * self.accelerator.num_processes, "train_seconds": round(st.seconds, 1),
                    "val_users": len(self.val), "history": st.history}
         write_json(self.out / METRICS_FILE, metrics)
         return metrics
