@@ -255,3 +255,23 @@ def copy_tiny_run(tiny_pipeline_run: Path, tmp_path: Path) -> Callable[..., Path
         return Path(shutil.copytree(tiny_pipeline_run, tmp_path / name))
 
     return copy
+
+
+@pytest.fixture
+def run_llamarec():
+    """Run the installed ``llamarec`` console script (LLAMAREC_DEBUG unset) and return the result."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).parent / "llamarec"
+    found = str(script) if script.is_file() else shutil.which("llamarec")
+    if found is None:
+        pytest.skip("the llamarec console script is not installed")
+
+    def run(*args: str, **env_extra: str) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if k != "LLAMAREC_DEBUG"} | env_extra
+        return subprocess.run([found, *args], capture_output=True, text=True, env=env, timeout=120)
+
+    return run

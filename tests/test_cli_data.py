@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -45,19 +41,6 @@ def custom_dir(tmp_path: Path) -> Path:
     (root / "interactions.csv").write_text(INTERACTIONS, encoding="utf-8")
     (root / "items.csv").write_text(ITEMS, encoding="utf-8")
     return root
-
-
-def console_script() -> str:
-    script = Path(sys.executable).parent / "llamarec"
-    found = str(script) if script.is_file() else shutil.which("llamarec")
-    if found is None:
-        pytest.skip("the llamarec console script is not installed")
-    return found
-
-
-def run_script(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "LLAMAREC_DEBUG"}
-    return subprocess.run([console_script(), *args], capture_output=True, text=True, env=env, timeout=120)
 
 
 @pytest.mark.parametrize("args", [["--help"], ["data", "--help"], ["data", "prepare", "--help"]])
@@ -121,16 +104,16 @@ def test_prepare_missing_option() -> None:
     assert "--dataset" in result.output
 
 
-def test_script_prepare_json(custom_dir: Path) -> None:
-    proc = run_script("data", "prepare", "-d", "custom", "--data-dir", str(custom_dir),
+def test_script_prepare_json(custom_dir: Path, run_llamarec) -> None:
+    proc = run_llamarec("data", "prepare", "-d", "custom", "--data-dir", str(custom_dir),
                       "--min-uc", "3", "--min-sc", "1", "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == EXPECTED
 
 
-def test_script_bad_input_is_one_error_line(custom_dir: Path) -> None:
+def test_script_bad_input_is_one_error_line(custom_dir: Path, run_llamarec) -> None:
     (custom_dir / "items.csv").write_text(ITEMS + "b,Beta again\n", encoding="utf-8")
-    proc = run_script("data", "prepare", "-d", "custom", "--data-dir", str(custom_dir))
+    proc = run_llamarec("data", "prepare", "-d", "custom", "--data-dir", str(custom_dir))
     assert proc.returncode == 1
     assert proc.stdout == ""
     lines = proc.stderr.splitlines()
@@ -140,8 +123,8 @@ def test_script_bad_input_is_one_error_line(custom_dir: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
-def test_script_unknown_dataset_and_missing_dir(tmp_path: Path) -> None:
-    proc = run_script("data", "prepare", "-d", "nope", "--data-dir", str(tmp_path / "missing"))
+def test_script_unknown_dataset_and_missing_dir(tmp_path: Path, run_llamarec) -> None:
+    proc = run_llamarec("data", "prepare", "-d", "nope", "--data-dir", str(tmp_path / "missing"))
     assert proc.returncode == 1
     assert proc.stderr.splitlines() == [
         "error: unknown dataset 'nope'; known datasets: ml-latest-small, ml-100k, beauty, games, custom"]

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -166,19 +164,9 @@ def test_report_of_an_unevaluated_run_is_one_error_line(monkeypatch: pytest.Monk
     assert line == f"error: {tmp_path}: no metrics.json; the run has not been evaluated yet"
 
 
-def console_script() -> str:
-    script = Path(sys.executable).parent / "llamarec"
-    found = str(script) if script.is_file() else shutil.which("llamarec")
-    if found is None:
-        pytest.skip("the llamarec console script is not installed")
-    return found
-
-
-def test_console_script_prints_one_error_line(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "LLAMAREC_DEBUG"}
-    env.update(OMP_NUM_THREADS="1", LLAMAREC_CACHE=str(tmp_path / "cache"))
-    proc = subprocess.run([console_script(), "run", "--preset", "nope", "--out", str(tmp_path / "out")],
-                          capture_output=True, text=True, env=env, timeout=120)
+def test_console_script_prints_one_error_line(tmp_path: Path, run_llamarec) -> None:
+    proc = run_llamarec("run", "--preset", "nope", "--out", str(tmp_path / "out"),
+                        OMP_NUM_THREADS="1", LLAMAREC_CACHE=str(tmp_path / "cache"))
     assert proc.returncode == 1
     assert proc.stderr == ("error: unknown preset 'nope'; presets: default, paper-beauty, paper-games, "
                            "paper-ml\n")

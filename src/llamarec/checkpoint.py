@@ -73,3 +73,10 @@ def load_training_state(directory: Path, optimizer: torch.optim.Optimizer
     rng = {k.removeprefix("rng."): tensors.pop(k) for k in list(tensors) if k.startswith("rng.")}
     restore_optimizer(optimizer, tensors, meta)
     return weights, rng, state
+
+
+def check_same_config(out: Path, saved: dict | None, current: dict, what: str) -> None:
+    """Refuse to continue a run in ``out`` whose saved config differs from ``current``."""
+    if saved is not None and saved != current:
+        diff = sorted(k for k in current if saved.get(k) != current[k])
+        raise LlamarecError(f"{out}: holds a {what} with a different config ({', '.join(diff)}); use another --out")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from llamarec.checkpoint import load_training_state, save_training_state
+from llamarec.checkpoint import check_same_config, load_training_state, save_training_state
 from llamarec.errors import LlamarecError
 from llamarec.io import atomic_dir, write_json
 from llamarec.metrics import metrics_from_ranks, target_ranks
@@ -167,10 +167,8 @@ class Finetuner:
     def _check_config(self) -> None:
         path = self.out / CONFIG_FILE
         current = json.loads(self.cfg.model_dump_json())
-        if path.is_file() and (saved := json.loads(path.read_text())) != current:
-            diff = sorted(k for k in current if saved.get(k) != current[k])
-            raise LlamarecError(f"{self.out}: holds a ranker run with a different config ({', '.join(diff)}); "
-                                "use another --out")
+        saved = json.loads(path.read_text()) if path.is_file() else None
+        check_same_config(self.out, saved, current, "ranker run")
         write_json(path, current)
 
     def run(self) -> dict:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from llamarec.checkpoint import load_tensors, load_training_state, save_tensors, save_training_state
+from llamarec.checkpoint import check_same_config, load_tensors, load_training_state, save_tensors, save_training_state
 from llamarec.data import Dataset, load_dataset
 from llamarec.data.split import eval_examples, train_sequence
 from llamarec.errors import LlamarecError
@@ -77,10 +77,7 @@ class Trainer:
         path = self.out / CONFIG_FILE
         saved = json.loads(path.read_text())["train"] if path.is_file() else None
         current = json.loads(self.cfg.model_dump_json())
-        if saved is not None and saved != current:
-            diff = sorted(k for k in current if saved.get(k) != current[k])
-            raise LlamarecError(f"{self.out}: holds a run with a different config ({', '.join(diff)}); "
-                                "use another --out")
+        check_same_config(self.out, saved, current, "run")
         write_json(path, {"train": current, "model": model_config(self.cfg, self.ds.n_items).to_dict(),
                           "data": self.ds.stats()})
 
