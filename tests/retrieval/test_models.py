@@ -213,3 +213,20 @@ def test_dropout_keeps_the_expected_fraction():
     assert abs((y == 0).float().mean().item() - 0.2) < 0.01
     assert set(y.unique().tolist()) == {0.0, 1.25}
     assert torch.equal(dropout.eval()(x), x)
+
+
+def test_narm_chunked_attention_matches_the_full_formula():
+    """Queries are processed in chunks against causal, non-padding keys only; the result must be
+    the paper's ``c_t = sum_{j<=t, j real} v^T sigmoid(A1 h_t + A2 h_j) h_j`` for every query."""
+    model = make("narm", max_len=80)
+    g = torch.Generator().manual_seed(10)
+    items = torch.randint(1, N_ITEMS + 1, (3, 75), generator=g)  # > 2 chunks of 32 queries
+    items[0, :40], items[1, :3] = 0, 0
+    with torch.no_grad():
+        states = model._encode(items)
+        pre = model.a1(states).unsqueeze(2) + model.a2(states).unsqueeze(1)
+        causal = torch.ones(75, 75, dtype=torch.bool).tril()
+        alpha = model.v(torch.sigmoid(pre)).squeeze(-1) * (causal & (items != 0)[:, None, :])
+        expected = model.proj(torch.cat([states, alpha @ states], dim=-1))
+        torch.testing.assert_close(model(items), expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(model.last_hidden(items), expected[:, -1], rtol=0, atol=1e-5)

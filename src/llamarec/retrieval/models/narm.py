@@ -3,7 +3,7 @@
 At step ``t`` the global representation is the GRU state ``h_t``; the local one is
 ``sum_{j<=t} alpha_tj h_j`` with ``alpha_tj = v^T sigmoid(A1 h_t + A2 h_j)`` (unnormalised, as in
 the paper). The bilinear decoder ``emb_i^T B [h_t; c_t]`` is a projection to ``H`` followed by
-the shared dot-product ``scores``. Attention over all positions at once costs ``B*L*L*H`` memory.
+the shared dot-product ``scores``.
 
 Unlike the transformer models this keeps torch's default initialisation (unit-variance item
 embeddings): with BERT's std-0.02 embeddings the GRU input is tiny and training stalls.
@@ -15,6 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from .base import Dropout, RetrieverConfig, SequentialRecommender, register_model
+
+QUERY_CHUNK = 32
 
 
 @register_model("narm")
@@ -48,15 +50,28 @@ class NARM(SequentialRecommender):
         return states.gather(1, to_right) * (items != 0).unsqueeze(-1)
 
     def _decode(self, states: Tensor, items: Tensor, start: int) -> Tensor:
-        """Outputs ``[B, L - start, H]`` for the queries at positions ``start..L-1``."""
+        """Outputs ``[B, L - start, H]`` for the queries at positions ``start..L-1``.
+
+        The pairwise attention term is ``[B, Lq, L, H]``, so queries are taken in chunks of
+        ``QUERY_CHUNK`` and each chunk only meets the keys it may attend to: those at or before
+        its last query, from the first position that is real in some row. That is about half the
+        work and memory of the full square, and each chunk's intermediates stay cache-sized.
+        """
         length = items.shape[1]
-        queries = states[:, start:]
-        keys = torch.arange(length, device=items.device)
-        allowed = (keys <= keys[start:, None]) & (items != 0)[:, None, :]  # [B, Lq, L]
-        pre = self.a1(queries).unsqueeze(2) + self.a2(states).unsqueeze(1)  # [B, Lq, L, H]
-        alpha = self.v(torch.sigmoid(pre)).squeeze(-1) * allowed
-        local = alpha @ states
-        return self.proj(self.ctx_drop(torch.cat([queries, local], dim=-1)))
+        real = items != 0
+        first = int(real.any(0).int().argmax()) if bool(real.any()) else length - 1
+        keys = self.a2(states)
+        locals_ = []
+        for q0 in range(start, length, QUERY_CHUNK):
+            q1 = min(q0 + QUERY_CHUNK, length)
+            k0 = min(first, q0)
+            positions = torch.arange(k0, q1, device=items.device)
+            allowed = (positions <= positions[q0 - k0:, None]) & real[:, None, k0:q1]  # [B, c, k]
+            pre = self.a1(states[:, q0:q1]).unsqueeze(2) + keys[:, None, k0:q1]  # [B, c, k, H]
+            alpha = self.v(torch.sigmoid(pre)).squeeze(-1) * allowed
+            locals_.append(alpha @ states[:, k0:q1])
+        local = torch.cat(locals_, dim=1)
+        return self.proj(self.ctx_drop(torch.cat([states[:, start:], local], dim=-1)))
 
     def forward(self, items: Tensor) -> Tensor:
         return self._decode(self._encode(items), items, 0)
