@@ -80,7 +80,7 @@ def retrieve_train(
     hidden: Annotated[int | None, typer.Option(help="Hidden size (64).")] = None,
     n_blocks: Annotated[int | None, typer.Option(help="Number of blocks (2).")] = None,
     dropout: Annotated[float | None, typer.Option(help="Dropout (0.2).")] = None,
-    attn_dropout: Annotated[float | None, typer.Option(help="Attention/recurrence dropout (0.2).")] = None,
+    attn_dropout: Annotated[float | None, typer.Option(help="Attention dropout of SASRec and BERT4Rec (0.2).")] = None,
     max_len: Annotated[int | None, typer.Option(help="Max sequence length (200 ML, 50 Amazon).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size (16 ML, 64 Amazon).")] = None,
     window_step: Annotated[int | None, typer.Option(help="Sliding-window stride (max_len).")] = None,
