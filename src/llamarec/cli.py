@@ -81,6 +81,7 @@ def retrieve_train(
     n_blocks: Annotated[int | None, typer.Option(help="Number of blocks (2).")] = None,
     dropout: Annotated[float | None, typer.Option(help="Dropout (0.2).")] = None,
     attn_dropout: Annotated[float | None, typer.Option(help="Attention dropout of SASRec and BERT4Rec (0.2).")] = None,
+    mask_prob: Annotated[float | None, typer.Option(help="BERT4Rec masking probability (0.2).")] = None,
     max_len: Annotated[int | None, typer.Option(help="Max sequence length (200 ML, 50 Amazon).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size (16 ML, 64 Amazon).")] = None,
     window_step: Annotated[int | None, typer.Option(help="Sliding-window stride (max_len).")] = None,
@@ -99,7 +100,7 @@ def retrieve_train(
     values = read_config_file(config) if config else {}
     given = {k: v for k, v in dict(
         dataset=dataset, data_dir=data_dir, model=model, hidden=hidden, n_blocks=n_blocks,
-        dropout=dropout, attn_dropout=attn_dropout, max_len=max_len, batch_size=batch_size,
+        dropout=dropout, attn_dropout=attn_dropout, mask_prob=mask_prob, max_len=max_len, batch_size=batch_size,
         window_step=window_step, lr=lr, weight_decay=weight_decay, max_epochs=max_epochs,
         eval_every=eval_every, patience=patience, seed=seed).items() if v is not None}
     values.update(given)
