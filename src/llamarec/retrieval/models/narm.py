@@ -59,7 +59,7 @@ class NARM(SequentialRecommender):
         """
         length = items.shape[1]
         real = items != 0
-        first = int(real.any(0).int().argmax()) if bool(real.any()) else length - 1
+        first = int(real.any(0).int().argmax())  # 0 when all is padding: every key is masked anyway
         keys = self.a2(states)
         locals_ = []
         for q0 in range(start, length, QUERY_CHUNK):
