@@ -1,7 +1,7 @@
 """Retriever speed on this machine: training throughput and candidate-generation time.
 
     python benchmarks/retrieval.py [--datasets ml-latest-small beauty] [--models lru sasrec ...]
-                                   [--iters 40] [--data-root ../shared/data]
+                                   [--iters 40] [--data-root ../shared/data] [--device cpu]
 
 For each (dataset, model) it times ``--iters`` training iterations at the paper's batch size
 and sequence length (after a few warm-up iterations), derives seconds per epoch from the
@@ -9,7 +9,7 @@ number of sliding windows, and times top-20 candidate generation for every user'
 history. ``lru-naive`` is the straightforward implementation to compare against: the same
 LRURec with its recurrence evaluated by a Python loop over time steps (autograd through each
 step), ``nn.Dropout``, and cross-entropy over logits at every position (padding included,
-then ignored).
+then ignored). On a GPU (``--device cuda``) each timed iteration ends with a synchronisation.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from rich.table import Table
 
 from llamarec.data import load_dataset
 from llamarec.data.split import eval_examples, train_sequence
+from llamarec.devices import resolve_device
 from llamarec.retrieval.config import RetrievalConfig
 from llamarec.retrieval.evaluate import top_k
 from llamarec.retrieval.models import build_model, lru
@@ -56,13 +57,18 @@ def make_naive(model: torch.nn.Module) -> None:
     model.loss = full_loss
 
 
-def bench(dataset: str, model_name: str, data_root: Path | None, iters: int) -> dict:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench(dataset: str, model_name: str, data_root: Path | None, iters: int, device: torch.device) -> dict:
     data_dir = data_root / dataset if data_root and (data_root / dataset).is_dir() else None
     cfg = RetrievalConfig(dataset=dataset, data_dir=data_dir,
                           model="lru" if model_name == "lru-naive" else model_name)
     ds = load_dataset(dataset, data_dir)
     torch.manual_seed(0)
-    model = build_model(cfg.model, model_config(cfg, ds.n_items))
+    model = build_model(cfg.model, model_config(cfg, ds.n_items)).to(device)
     windows = torch.from_numpy(training_windows([train_sequence(s) for s in ds.sequences],
                                                 cfg.max_len, cfg.window_step))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -78,11 +84,12 @@ def bench(dataset: str, model_name: str, data_root: Path | None, iters: int) -> 
         for i in range(iters + 3):
             idx = perm[(i * cfg.batch_size) % len(windows):][: cfg.batch_size]
             t0 = time.perf_counter()
-            inputs, labels = model.training_batch(windows[idx])
+            inputs, labels = (t.to(device) for t in model.training_batch(windows[idx]))
             loss = model.loss(inputs, labels)
             opt.zero_grad()
             loss.backward()
             opt.step()
+            synchronize(device)
             if i >= 3:
                 times.append(time.perf_counter() - t0)
         per_iter = sum(times) / len(times)
@@ -104,13 +111,16 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["lru", "lru-naive", "sasrec", "bert4rec", "narm"])
     parser.add_argument("--iters", type=int, default=40)
     parser.add_argument("--data-root", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
     args = parser.parse_args()
+    device = resolve_device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     table = Table("dataset", "model", "batch", "it/s", "seq/s", "s/epoch", "top-20 candidates (s)",
-                  title=f"Retriever speed, torch {torch.__version__}, {torch.get_num_threads()} threads")
+                  title=f"Retriever speed, torch {torch.__version__}, {device.type}: {where}")
     rows = []
     for dataset in args.datasets:
         for model in args.models:
-            row = bench(dataset, model, args.data_root, args.iters)
+            row = bench(dataset, model, args.data_root, args.iters, device)
             rows.append(row)
             table.add_row(row["dataset"], row["model"], row["batch"], f"{row['it/s']:.2f}",
                           f"{row['seq/s']:.0f}", f"{row['s/epoch']:.1f}",

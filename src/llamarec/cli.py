@@ -26,6 +26,7 @@ DatasetOpt = Annotated[str, typer.Option("--dataset", "-d", help="Dataset name (
 DataDirOpt = Annotated[Path | None, typer.Option(
     "--data-dir", help="Directory holding the dataset's raw files (else cache, download, mirror).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+DeviceOpt = Annotated[str, typer.Option(help="Torch device: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps.")]
 
 
 def print_mapping(title: str, values: dict, as_json: bool) -> None:
@@ -91,6 +92,7 @@ def retrieve_train(
     eval_every: Annotated[int | None, typer.Option(help="Iterations between validations (500).")] = None,
     patience: Annotated[int | None, typer.Option(help="Validations without improvement (20).")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed (42).")] = None,
+    device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """Train a retriever (resuming an interrupted run in OUT) and write OUT/metrics.json."""
@@ -107,7 +109,7 @@ def retrieve_train(
     if "dataset" not in values:
         raise LlamarecError("retrieve train: --dataset is required (or `dataset:` in --config)")
     cfg = validate(RetrievalConfig, values, str(config or "options"))
-    metrics = train_retriever(cfg, out)
+    metrics = train_retriever(cfg, out, device=device)
     if as_json:
         print(json.dumps({k: v for k, v in metrics.items() if k != "history"}, indent=2))
         return
@@ -124,12 +126,13 @@ def retrieve_candidates(
     k: Annotated[int, typer.Option("--k", help="Candidates per user.")] = 20,
     train_prefixes: Annotated[int, typer.Option(
         help="Also score this many random training prefixes (hard negatives for the ranker).")] = 0,
+    device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """Write RUN/candidates.safetensors (top-k items and scores per user) and candidates.json."""
     from llamarec.retrieval.candidates import generate_candidates
 
-    summary = generate_candidates(run, k=k, train_prefixes=train_prefixes)
+    summary = generate_candidates(run, k=k, train_prefixes=train_prefixes, device=device)
     if as_json:
         print(json.dumps(summary, indent=2))
         return

@@ -12,7 +12,6 @@ from llamarec.ranking.llm import (
     ModelSource,
     default_model_path,
     load_llm,
-    resolve_device,
     resolve_dtype,
     resolve_model,
     smollm2_gguf_path,
@@ -59,14 +58,6 @@ def test_resolve_dtype():
     assert resolve_dtype("float16", cpu) == torch.float16
     with pytest.raises(LlamarecError, match="unknown dtype"):
         resolve_dtype("fp8", cpu)
-
-
-def test_resolve_device():
-    assert resolve_device("cpu") == torch.device("cpu")
-    if not torch.cuda.is_available() and not torch.backends.mps.is_available():
-        assert resolve_device("auto") == torch.device("cpu")
-    with pytest.raises(LlamarecError, match="unknown device"):
-        resolve_device("gpu")
 
 
 def test_resolve_model_paths_and_hub_ids(tmp_path):

