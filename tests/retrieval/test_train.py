@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from llamarec.checkpoint import load_tensors
+from llamarec.checkpoint import load_tensors, save_tensors
 from llamarec.data.split import eval_examples, train_sequence
 from llamarec.errors import LlamarecError
 from llamarec.retrieval.evaluate import evaluate, evaluate_ranks, top_k
@@ -150,6 +150,24 @@ def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(
         assert got.keys() == ref.keys()
         for key in ref:
             assert torch.equal(got[key], ref[key]), (name, key)
+
+
+def test_a_checkpoint_from_a_gpu_resumes_on_the_cpu(tiny_retrieval_config, tmp_path, monkeypatch):
+    """A GPU run's checkpoint also holds the CUDA generator's state; the CPU ignores it."""
+    cfg = tiny_retrieval_config()
+    reference = train_retriever(cfg, tmp_path / "reference", progress=False, device="cpu")
+    out = tmp_path / "run"
+    with monkeypatch.context() as mp:
+        interrupt_loss_after(mp, 6)
+        with pytest.raises(Interrupted):
+            train_retriever(cfg, out, progress=False, device="cpu")
+    path = out / "last" / "optimizer.safetensors"
+    tensors, meta = load_tensors(path)
+    save_tensors(path, {**tensors, "rng.cuda": torch.zeros(16, dtype=torch.uint8)}, meta)
+    metrics = train_retriever(cfg, out, progress=False, device="cpu")
+    assert metrics["device"] == "cpu"
+    for key in ("val", "test", "best_step", "history"):
+        assert metrics[key] == reference[key], key
 
 
 def test_a_different_config_in_the_same_directory_is_refused(tiny_retriever_run, tiny_retrieval_config,
