@@ -48,18 +48,15 @@ def test_train_options_reach_the_config_and_metrics_are_written(tiny_data_dir: P
     assert json.loads(cands.stdout) == summary and summary["k"] == 5 and summary["model"] == "bert4rec"
 
 
-def test_out_of_range_option_is_named(tiny_data_dir: Path, tmp_path: Path) -> None:
-    result = invoke("retrieve", "train", "-d", "custom", "--data-dir", tiny_data_dir, "--mask-prob", "1.5",
+@pytest.mark.parametrize("option,value,message", [
+    ("--mask-prob", "1.5", "mask_prob: Input should be less than 1 (got 1.5)"),
+    pytest.param("--device", "cuda", "device 'cuda': no such CUDA device here",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
+], ids=["out-of-range-option", "missing-cuda-device"])
+def test_bad_option_is_named_before_anything_is_written(tiny_data_dir: Path, tmp_path: Path, option: str,
+                                                        value: str, message: str) -> None:
+    result = invoke("retrieve", "train", "-d", "custom", "--data-dir", tiny_data_dir, option, value,
                     "-o", tmp_path / "run")
     assert result.exit_code != 0
-    assert "mask_prob: Input should be less than 1 (got 1.5)" in str(result.exception)
-    assert not (tmp_path / "run").exists()
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_missing_cuda_device_is_refused_before_anything_is_written(tiny_data_dir: Path, tmp_path: Path) -> None:
-    result = invoke("retrieve", "train", "-d", "custom", "--data-dir", tiny_data_dir, "--device", "cuda",
-                    "-o", tmp_path / "run")
-    assert result.exit_code != 0
-    assert "device 'cuda': no such CUDA device here" in str(result.exception)
+    assert message in str(result.exception)
     assert not (tmp_path / "run").exists()
