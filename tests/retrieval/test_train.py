@@ -99,7 +99,10 @@ def test_rerunning_a_finished_run_rereads_it_without_training(tiny_retriever_run
     shutil.copytree(tiny_retriever_run, out)
     before = json.loads((out / "metrics.json").read_text())
     interrupt_loss_after(monkeypatch, 0)  # any training step would raise
-    again = train_retriever(tiny_retrieval_config(), out, progress=False)
+    state = json.loads((out / "last" / "state.json").read_text())
+    (out / "last" / "state.json").write_text(json.dumps({**state, "device": "cuda"}))  # as if trained on a GPU
+    again = train_retriever(tiny_retrieval_config(), out, progress=False, device="cpu")
+    assert again["device"] == "cuda"  # where it trained, not where it was re-read
     assert {k: again[k] for k in ("val", "test", "best_step", "steps", "history")} == \
         {k: before[k] for k in ("val", "test", "best_step", "steps", "history")}
     assert json.loads((out / "metrics.json").read_text())["test"] == before["test"]

@@ -38,6 +38,7 @@ class TrainState:
     seconds: float = 0.0
     history: list[dict] = field(default_factory=list)
     finished: bool = False
+    device: str | None = None  # the device of the last training steps (a re-read run keeps it)
 
 
 def model_config(cfg: RetrievalConfig, n_items: int) -> RetrieverConfig:
@@ -134,6 +135,8 @@ class Trainer:
                    desc=f"{cfg.model} on {cfg.dataset}" + (" (resumed)" if resumed else ""),
                    disable=not self.progress, dynamic_ncols=True)
         stop = st.finished or st.bad_evals >= cfg.patience  # killed right after the stopping validation
+        if not stop:
+            st.device = str(self.device)
         started, loss_ema = time.perf_counter() - st.seconds, None
         self.model.train()
         while not stop and st.epoch < cfg.max_epochs:
@@ -175,7 +178,7 @@ class Trainer:
         n_batches = (len(self.windows) + self.cfg.batch_size - 1) // self.cfg.batch_size
         metrics = {"val": val, "test": test, "best_step": st.best_step, "steps": st.step,
                    "epochs": round(st.step / n_batches, 2), "train_seconds": round(st.seconds, 1),
-                   "device": str(self.device), "history": st.history}
+                   "device": st.device, "history": st.history}
         write_json(self.out / METRICS_FILE, metrics)
         return metrics
 
