@@ -270,3 +270,104 @@ def test_failed_prepare_keeps_existing_cache(tmp_path: Path, llamarec_cache: Pat
     assert [s.tolist() for s in again.sequences] == [s.tolist() for s in good.sequences] == [[1, 2, 3],
                                                                                           [3, 1, 2]]
     assert again.titles == good.titles == ["", "A", "B", "C"]
+
+
+# --------------------------------------------------------------------------- values no reader may accept
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "Infinity", "1e400", "-1e999"])
+def test_infinite_timestamp(tmp_path: Path, llamarec_cache: Path, value: str) -> None:
+    root = custom_dir(tmp_path / "c", f"user_id,item_id,timestamp\nu,a,1\nu,b,{value}\n")
+    fails("custom", root, llamarec_cache, f"{root / 'interactions.csv'} line 3: column 'timestamp' "
+          f"has value {value!r}; expected a finite number")
+    ml = ml_dir(tmp_path / "ml", ratings=GOOD_RATINGS + f"2,2,3.0,{value}\n")
+    fails("ml-latest-small", ml, llamarec_cache,
+          f"{ml / 'ratings.csv'} line 6: column 'timestamp' has value {value!r}; expected a finite number")
+
+
+def test_id_beyond_int64_in_movielens(tmp_path: Path, llamarec_cache: Path) -> None:
+    root = ml_dir(tmp_path / "ml", ratings=GOOD_RATINGS + "1,99999999999999999999,4.0,13\n")
+    fails("ml-latest-small", root, llamarec_cache, f"{root / 'ratings.csv'} line 6: column 'movieId' "
+          "has value '99999999999999999999'; expected an integer")
+
+
+@pytest.mark.parametrize(("header", "name", "columns"), [
+    ("user_id,item_id,item_id,timestamp", "item_id", "2 and 3"),
+    ("user_id,item_id,timestamp, user_id", "user_id", "1 and 4"),  # equal once stripped
+    ("user_id,item_id,timestamp,note,note", "note", "4 and 5"),  # even an ignored column
+])
+def test_duplicated_header_column(tmp_path: Path, llamarec_cache: Path, header: str, name: str,
+                                  columns: str) -> None:
+    row = ",".join(["u", "a", "1", "x", "y"][: header.count(",") + 1])
+    root = custom_dir(tmp_path / "c", f"{header}\n{row}\n")
+    fails("custom", root, llamarec_cache, f"{root / 'interactions.csv'} line 1: column {name!r} appears "
+          f"twice in the header (columns {columns}); expected each column name once")
+
+
+def test_duplicated_header_column_in_items_and_movies(tmp_path: Path, llamarec_cache: Path) -> None:
+    root = custom_dir(tmp_path / "c", "user_id,item_id,position\nu,a,0\n",
+                      items="\n\nitem_id,title,title\na,A,B\n")
+    fails("custom", root, llamarec_cache, f"{root / 'items.csv'} line 3: column 'title' appears twice")
+    ml = ml_dir(tmp_path / "ml", movies="movieId,title,movieId\n1,Heat (1995),2\n")
+    fails("ml-latest-small", ml, llamarec_cache, f"{ml / 'movies.csv'} line 1: column 'movieId' appears twice")
+
+
+def test_empty_header_names_are_not_duplicates(tmp_path: Path) -> None:
+    root = custom_dir(tmp_path / "c", "user_id,item_id,position,,\nu,a,0,,\nu,b,1,,\nu,c,2,,\n")
+    assert load_dataset("custom", root, min_uc=3, min_sc=1).n_items == 3
+
+
+@pytest.mark.parametrize(("interactions", "items", "file", "line", "column", "value"), [
+    ("user_id,item_id,position\nu\x00,a,0\n", None, "interactions.csv", 2, "user_id", "u\x00"),
+    ("user_id,item_id,position\nu,a,0\nu,b\x00c,1\n", None, "interactions.csv", 3, "item_id", "b\x00c"),
+    ("user_id,item_id,position\nu,a,0\n", "item_id,title\na,A\n\x00b,B\n", "items.csv", 3, "item_id", "\x00b"),
+])
+def test_nul_byte_in_an_id(tmp_path: Path, llamarec_cache: Path, interactions: str, items: str | None,
+                           file: str, line: int, column: str, value: str) -> None:
+    root = custom_dir(tmp_path / "c", interactions, *([items] if items else []))
+    fails("custom", root, llamarec_cache, f"{root / file} line {line}: column {column!r} has value "
+          f"{value!r} with a NUL byte; expected an id without control characters")
+
+
+def test_other_control_character_in_an_id(tmp_path: Path, llamarec_cache: Path) -> None:
+    root = custom_dir(tmp_path / "c", "user_id,item_id,position\nu,a,0\nu,\x1b[31mb,1\n")
+    fails("custom", root, llamarec_cache, "line 3: column 'item_id' has value '\\x1b[31mb' with the "
+          "control character U+001B")
+    amazon = tmp_path / "a"
+    write(amazon / "ratings_Beauty.csv", "A1,B1,5.0,1\nA\x002,B2,5.0,2\n")
+    with gzip.open(amazon / "meta_Beauty.json.gz", "wt", encoding="utf-8") as fh:
+        fh.write("{'asin': 'B1', 'title': 'One'}\n")
+    fails("beauty", amazon, llamarec_cache, f"{amazon / 'ratings_Beauty.csv'} line 2: column 'user' "
+          "has value 'A\\x002' with a NUL byte")
+
+
+@pytest.mark.parametrize("value", ["-1", "0.5", "2.25", "-0.5", "inf", "nan"])
+def test_negative_or_fractional_position(tmp_path: Path, llamarec_cache: Path, value: str) -> None:
+    root = custom_dir(tmp_path / "c", f"user_id,item_id,position\nu,a,0\nu,b,{value}\nu,c,2\n")
+    expected = "expected a whole number >= 0" if value not in ("inf", "nan") else "expected a"
+    fails("custom", root, llamarec_cache, f"{root / 'interactions.csv'} line 3: column 'position' "
+          f"has value {value!r}", expected)
+
+
+def test_whole_positions_written_as_floats_are_fine(tmp_path: Path) -> None:
+    root = custom_dir(tmp_path / "c", "user_id,item_id,position\nu,a,2.0\nu,b,0\nu,c,1.00\n")
+    assert [s.tolist() for s in load_dataset("custom", root, min_uc=3, min_sc=1).sequences] == [[2, 3, 1]]
+
+
+@pytest.mark.parametrize("title", [
+    " ", "\t", "\u200b", "\u200b\u200c\u200d\u2060\ufeff", "\u202e", "\u202a\u202c\u2066\u2069",
+    "\u00a0", "&nbsp;", "\u3000", "\x01\x02", " \u200b \u202e ", "\u3164", "\u2800", "\ufe0f",
+])
+def test_title_of_only_invisible_characters(tmp_path: Path, llamarec_cache: Path, title: str) -> None:
+    root = custom_dir(tmp_path / "c", "user_id,item_id,position\nu,a,0\nu,b,1\nu,c,2\n",
+                      items=f'item_id,title\na,A\nb,"{title}"\nc,C\n')
+    fails("custom", root, llamarec_cache, f"{root / 'items.csv'} line 3: column 'title' has value "
+          f"{title!r}, only invisible characters", "expected a title, or an empty field")
+
+
+def test_empty_title_is_still_an_untitled_item(tmp_path: Path) -> None:
+    root = custom_dir(tmp_path / "c", "user_id,item_id,position\nu,a,0\nu,b,1\nu,c,2\nu,d,3\n",
+                      items="item_id,title\na,A\nb,\nc,C\nd,D\n")
+    ds = load_dataset("custom", root, min_uc=3, min_sc=1)
+    assert ds.titles == ["", "A", "C", "D"]
+    assert ds.stats()["dropped_untitled_items"] == 1

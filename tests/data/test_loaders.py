@@ -215,16 +215,17 @@ def amazon_dir(tmp_path: Path) -> Path:
 
 
 def test_read_meta_titles_python_literal_and_json(amazon_dir: Path) -> None:
-    items = read_meta_titles(amazon_dir / "meta_Beauty.json.gz")
+    items, untitled = read_meta_titles(amazon_dir / "meta_Beauty.json.gz")
     assert dict(zip(items["item"], items["title"], strict=True)) == {
         "B1": "A & B", "B2": "Lotion été", "B5": "X Y", "B6": "Y"}
+    assert untitled == ["B3", "B4", "B7"]  # listed without a title
 
 
 def test_read_meta_titles_plain_file(tmp_path: Path) -> None:
     path = tmp_path / "meta.json"
     path.write_text("{'asin': ' B9 ', 'title': 'Nine'}\n", encoding="utf-8")
-    items = read_meta_titles(path)
-    assert items.values.tolist() == [["B9", "Nine"]]
+    items, untitled = read_meta_titles(path)
+    assert items.values.tolist() == [["B9", "Nine"]] and untitled == []
 
 
 def test_read_amazon_raw(amazon_dir: Path) -> None:
@@ -291,9 +292,10 @@ def test_custom_with_timestamp(tmp_path: Path) -> None:
                         {"a": "Shampoo &amp; Conditioner", "b": "  Soap\t bar ", "c": "unknown"})
     raw = read_custom(root)
     assert raw.interactions.values.tolist() == [["u2", "b", 3.0], ["u1", "a", 2.0], ["u1", "b", 1.0]]
-    assert raw.items.values.tolist() == [["a", "Shampoo & Conditioner"], ["b", "Soap bar"]]
+    assert raw.items.values.tolist() == [["a", "Shampoo & Conditioner", "a"], ["b", "Soap bar", "b"]]
+    assert raw.untitled == ["c"]
     kept = read_custom(root, unescape_html=False)
-    assert kept.items.values.tolist()[0] == ["a", "Shampoo &amp; Conditioner"]
+    assert kept.items.values.tolist()[0] == ["a", "Shampoo &amp; Conditioner", "a"]
 
 
 def test_custom_with_position_orders_by_position(tmp_path: Path) -> None:
@@ -305,17 +307,21 @@ def test_custom_with_position_orders_by_position(tmp_path: Path) -> None:
     assert seqs(ds) == [[1, 2, 3], [3, 1, 1]]
 
 
-def test_custom_title_empty_after_cleaning_is_untitled(tmp_path: Path) -> None:
+def test_custom_empty_or_placeholder_title_is_untitled(tmp_path: Path) -> None:
     root = tmp_path / "c"
     root.mkdir()
     (root / "interactions.csv").write_text(
         "user_id,item_id,position\nu,a,0\nu,b,1\nu,c,2\nu,d,3\nu,e,4\n", encoding="utf-8")
     (root / "items.csv").write_text(
-        'item_id,title\na,A\nb,"\x01\x02"\nc,C\nd,"&nbsp;"\ne,E\n', encoding="utf-8")
-    assert read_custom(root).items.values.tolist() == [["a", "A"], ["c", "C"], ["e", "E"]]
+        'item_id,title\na,A\nb,\nc,C\nd,"Unknown"\ne,E\n', encoding="utf-8")
+    raw = read_custom(root)
+    assert raw.items[["item", "title"]].values.tolist() == [["a", "A"], ["c", "C"], ["e", "E"]]
+    assert raw.untitled == ["b", "d"]
     ds = load_dataset("custom", root, min_uc=3, min_sc=1)
     assert ds.titles == ["", "A", "C", "E"]
     assert seqs(ds) == [[1, 2, 3]]
+    assert ds.stats()["dropped_untitled_items"] == 2
+    assert ds.stats()["dropped_interactions_untitled_item"] == 2
 
 
 def test_custom_extra_columns_and_whitespace_ids(tmp_path: Path) -> None:
@@ -326,7 +332,7 @@ def test_custom_extra_columns_and_whitespace_ids(tmp_path: Path) -> None:
     (root / "items.csv").write_text("item_id,title,brand\n a ,A,x\nb,B,y\n", encoding="utf-8")
     raw = read_custom(root)
     assert raw.interactions.values.tolist() == [["u1", "a", 1.0], ["u1", "b", 2.0]]
-    assert raw.items.values.tolist() == [["a", "A"], ["b", "B"]]
+    assert raw.items.values.tolist() == [["a", "A", "a"], ["b", "B", "b"]]
 
 
 # --------------------------------------------------------------------------- locate / resolution

@@ -95,7 +95,10 @@ def test_preprocess_uses_iterative_k_core() -> None:
     assert ds.item_raw_ids == ["", "x", "y", "z"]
     assert ds.titles == ["", "X", "Y", "Z"]
     assert seqs(ds) == [[1, 2, 3], [1, 2, 3], [1, 2, 3]]
-    assert ds.params == {"min_uc": 3, "min_sc": 3}
+    assert ds.params == {"min_uc": 3, "min_sc": 3, "filters": {
+        "raw_users": 7, "raw_interactions": 18, "dropped_untitled_items": 0,
+        "dropped_interactions_untitled_item": 0, "dropped_interactions_unknown_item": 0,
+        "dropped_kcore_users": 4, "dropped_kcore_items": 4, "dropped_kcore_interactions": 9}}
 
 
 # --------------------------------------------------------------------------- ids and order
@@ -106,6 +109,9 @@ ROWS = [
     ("100", "1", 7.0), ("100", "2", 6.0), ("100", "9", 8.0),
 ]
 TITLES = {"1": "One", "2": "Two", "9": "Nine", "10": "Ten"}
+NOTHING_DROPPED = {"raw_users": 3, "raw_interactions": 10, "dropped_untitled_items": 0,
+                   "dropped_interactions_untitled_item": 0, "dropped_interactions_unknown_item": 0,
+                   "dropped_kcore_users": 0, "dropped_kcore_items": 0, "dropped_kcore_interactions": 0}
 
 
 def test_dense_ids_follow_numeric_raw_order() -> None:
@@ -171,7 +177,12 @@ def test_stats_hand_computed() -> None:
     ds = preprocess(raw_data(ROWS, TITLES), "n", min_uc=3, min_sc=1)
     # lengths 4, 3, 3 over 3 users and 4 items
     assert ds.stats() == {"dataset": "n", "users": 3, "items": 4, "interactions": 10,
-                          "mean_seq_len": 3.33, "median_seq_len": 3.0, "density": 0.833333}
+                          "mean_seq_len": 3.33, "median_seq_len": 3.0, "density": 0.833333,
+                          **NOTHING_DROPPED}
+    # a dataset built without preprocessing has no filter report
+    ds.params.pop("filters")
+    assert list(ds.stats()) == ["dataset", "users", "items", "interactions", "mean_seq_len",
+                                "median_seq_len", "density"]
 
 
 # --------------------------------------------------------------------------- save / load
@@ -274,7 +285,8 @@ def test_load_dataset_writes_the_cache(tmp_path: Path, llamarec_cache: Path) -> 
     assert_same(Dataset.load(cached), ds)
     # u0 at 0, 7 % 3 = 1, 14 % 3 = 2 -> i0, i1, i2; u1 the same shifted by 10
     assert seqs(ds) == [[1, 2, 3]] * 3
-    assert ds.params == {"min_uc": 3, "min_sc": 3, "raw_dir": str(root)}
+    assert ds.params == {"min_uc": 3, "min_sc": 3, "raw_dir": str(root),
+                         "filters": {**NOTHING_DROPPED, "raw_users": 3, "raw_interactions": 9}}
 
 
 # --------------------------------------------------------------------------- split

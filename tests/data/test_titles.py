@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+import unicodedata
+from pathlib import Path
 
 import pytest
 
-from llamarec.data.titles import clean_title, is_missing_title, movielens_title
+from llamarec.data import load_dataset
+from llamarec.data.titles import clean_title, is_missing_title, movielens_title, normalize_text
 
 
 @pytest.mark.parametrize(
@@ -90,3 +93,55 @@ def test_placeholders_are_missing(title: object) -> None:
 @pytest.mark.parametrize("title", ["x", "Unknown Soldier (1998)", "The Unknown (1927)", "unknowns"])
 def test_real_titles_are_not_missing(title: str) -> None:
     assert not is_missing_title(title)
+
+
+# --------------------------------------------------------------------------- untrusted text
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("Item 21 \u202egnp.exe", "Item 21 gnp.exe"),  # right-to-left override
+        ("a\u202ab\u202cc\u2066d\u2069e\u200ef\u200fg\u061ch", "abcdefgh"),  # bidi controls
+        ("zero\u200bwidth\u200c\u200d\u2060\ufeff", "zerowidth"),
+        ("soft\u00adhyphen", "softhyphen"),
+        ("tag\U000e0041\U000e007f", "tag"),  # tag characters
+        ("private\ue000use", "privateuse"),
+        ("filler\u3164 \u115f\u1160\uffa0\u2800 blank", "filler blank"),
+        ("emoji\ufe0f\u034f", "emoji"),  # variation selector, combining grapheme joiner
+        ("\uff34\uff4f\uff59 \uff33\uff54\uff4f\uff52\uff59 (\uff11\uff19\uff19\uff15)",
+         "Toy Story (1995)"),  # fullwidth
+        ("\ufb01ne \u2460 \u00bd", "fine 1 1\u20442"),  # compatibility forms
+        ("Cafe\u0301", "Caf\u00e9"),  # composed
+        ("e\u200b\u0301", "\u00e9"),  # an invisible character does not keep NFKC from composing
+        ("a\u00a0\u2003\u3000\u2028b", "a b"),  # Unicode spaces and separators
+        *[(t, t) for t in ["Cit\u00e9 \u6771\u4eac \u0645\u0631\u062d\u0628\u0627"]],  # other scripts stay
+        ("", ""),
+    ],
+)
+def test_normalize_text(raw: str, expected: str) -> None:
+    assert normalize_text(raw) == expected
+    assert normalize_text(expected) == expected  # idempotent
+    assert clean_title(raw) == expected
+
+
+def test_normalized_text_has_no_invisible_characters() -> None:
+    every = "".join(chr(c) for c in range(0x20000) if not 0xD800 <= c <= 0xDFFF)
+    out = normalize_text(every)
+    assert unicodedata.is_normalized("NFKC", out)
+    assert not {c for c in out if unicodedata.category(c) in ("Cc", "Cf", "Co", "Cs")}
+    assert "\u3164" not in out and "\u2800" not in out
+    assert "  " not in out and out == out.strip()
+
+
+def test_titles_are_normalised_when_loaded(tmp_path: Path) -> None:
+    """The catalogue (and so the prompt and recommend's output) only sees the normalised title."""
+    root = tmp_path / "c"
+    root.mkdir()
+    (root / "interactions.csv").write_text(
+        "user_id,item_id,position\nu,a,0\nu,b,1\nu,c,2\n", encoding="utf-8")
+    (root / "items.csv").write_text(
+        "item_id,title\na,Item 21 \u202egnp.exe\nb,\uff34\uff4f\uff59\u200b Story\nc,&#x202E;C&#8203;&nbsp;\n",
+        encoding="utf-8")
+    ds = load_dataset("custom", root, min_uc=3, min_sc=1)
+    assert ds.titles == ["", "Item 21 gnp.exe", "Toy Story", "C"]

@@ -14,7 +14,7 @@ from llamarec.fetch import cache_dir, sha256_of
 __all__ = ["DATASETS", "Dataset", "load_dataset", "processed_dir"]
 
 # Bump when preprocessing changes what it produces, so old caches are not reused.
-PREPROCESS_VERSION = 1
+PREPROCESS_VERSION = 2
 
 
 def processed_dir(name: str, data_dir: Path | None = None, *, min_uc: int = 5,

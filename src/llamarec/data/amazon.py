@@ -30,12 +30,14 @@ def _meta_record(line: str, path: Path, lineno: int) -> dict:
     return record
 
 
-def read_meta_titles(path: Path) -> pd.DataFrame:
-    """Item titles from a (gzipped) metadata file; items without a title are left out."""
+def read_meta_titles(path: Path) -> tuple[pd.DataFrame, list[str]]:
+    """Item titles from a (gzipped) metadata file, and the ids of the items it lists without
+    a title (left out of the titles)."""
     if not path.is_file():
         raise LlamarecError(f"{path}: file not found")
     opener = gzip.open if path.suffix == ".gz" else open
     titles: dict[str, str] = {}
+    untitled: set[str] = set()
     try:
         with opener(path, "rt", encoding="utf-8") as fh:
             for lineno, line in enumerate(fh, 1):
@@ -45,14 +47,16 @@ def read_meta_titles(path: Path) -> pd.DataFrame:
                 asin, title = record.get("asin"), record.get("title")
                 if not isinstance(asin, str) or not asin.strip():
                     raise LlamarecError(f"{path} line {lineno}: missing 'asin'")
-                if not is_missing_title(title):
+                if is_missing_title(title):
+                    untitled.add(asin.strip())
+                else:
                     titles.setdefault(asin.strip(), clean_title(title, unescape_html=True))
     except (OSError, EOFError, UnicodeDecodeError) as exc:
         raise LlamarecError(f"{path}: cannot read metadata ({exc}); expected gzipped UTF-8 lines") from None
     if not titles:
         raise LlamarecError(f"{path}: no item has a title")
     items = pd.DataFrame({"item": list(titles), "title": list(titles.values())})
-    return items[items["title"] != ""].reset_index(drop=True)
+    return items.reset_index(drop=True), sorted(untitled.difference(titles))
 
 
 def read_amazon_raw(root: Path, ratings_file: str, meta_file: str) -> RawData:
@@ -66,4 +70,5 @@ def read_amazon_raw(root: Path, ratings_file: str, meta_file: str) -> RawData:
                           "time": to_number(frame, "time", rpath)})
     # Raw Amazon ratings hold exact repeats; the paper keeps one interaction per (user, item, time).
     inter = inter.drop_duplicates(["user", "item", "time"]).reset_index(drop=True)
-    return RawData(inter, read_meta_titles(root / meta_file), str(root))
+    items, untitled = read_meta_titles(root / meta_file)
+    return RawData(inter, items, str(root), untitled)

@@ -37,6 +37,8 @@ class Dataset:
         return len(self.titles) - 1
 
     def stats(self) -> dict:
+        """Counts and sequence lengths, then what preprocessing's filters dropped (the
+        ``raw_*`` and ``dropped_*`` entries of ``params["filters"]``) when it is known."""
         lengths = np.array([len(s) for s in self.sequences])
         n_inter = int(lengths.sum())
         return {
@@ -47,6 +49,7 @@ class Dataset:
             "mean_seq_len": round(float(lengths.mean()), 2),
             "median_seq_len": float(np.median(lengths)),
             "density": round(n_inter / (self.n_users * self.n_items), 6),
+            **self.params.get("filters", {}),
         }
 
     def save(self, directory: Path) -> None:

@@ -22,12 +22,16 @@ def _ratings(frame: pd.DataFrame, path: Path, user: str, item: str, time: str) -
     return out.drop(columns="_line")
 
 
-def _titles(ids: pd.Series, titles: pd.Series, frame: pd.DataFrame, path: Path) -> pd.DataFrame:
+def _titles(ids: pd.Series, titles: pd.Series, frame: pd.DataFrame, path: Path
+            ) -> tuple[pd.DataFrame, list[str]]:
+    """The titled items, and the ids of the items listed without a title."""
     items = pd.DataFrame({"item": ids.astype(str), "title": titles, "_line": frame["_line"]})
     reject_duplicates(items, ["item"], path, "item id")
-    items = items[~items["title"].map(is_missing_title)]
+    missing = items["title"].map(is_missing_title)
+    untitled = items.loc[missing, "item"].tolist()
+    items = items[~missing]
     items["title"] = items["title"].map(movielens_title)
-    return items.drop(columns="_line").reset_index(drop=True)
+    return items.drop(columns="_line").reset_index(drop=True), untitled
 
 
 def read_ml_latest_small(root: Path) -> RawData:
@@ -35,8 +39,10 @@ def read_ml_latest_small(root: Path) -> RawData:
     rpath, mpath = root / "ratings.csv", root / "movies.csv"
     ratings = read_table(rpath, ["userId", "movieId", "timestamp"])
     movies = read_table(mpath, ["movieId", "title"])
-    items = _titles(to_number(movies, "movieId", mpath, integer=True), movies["title"], movies, mpath)
-    return RawData(_ratings(ratings, rpath, "userId", "movieId", "timestamp"), items, str(root))
+    items, untitled = _titles(to_number(movies, "movieId", mpath, integer=True), movies["title"],
+                              movies, mpath)
+    return RawData(_ratings(ratings, rpath, "userId", "movieId", "timestamp"), items, str(root),
+                   untitled)
 
 
 def read_ml_100k(root: Path) -> RawData:
@@ -46,8 +52,9 @@ def read_ml_100k(root: Path) -> RawData:
                       names=["user", "item", "rating", "time"])
     meta = read_table(ipath, ["item", "title"], sep="|", encoding="latin-1",
                       names=["item", "title", *(f"f{i}" for i in range(22))])
-    items = _titles(to_number(meta, "item", ipath, integer=True), meta["title"], meta, ipath)
-    return check_ml_100k(RawData(_ratings(data, dpath, "user", "item", "time"), items, str(root)))
+    items, untitled = _titles(to_number(meta, "item", ipath, integer=True), meta["title"], meta, ipath)
+    ratings = _ratings(data, dpath, "user", "item", "time")
+    return check_ml_100k(RawData(ratings, items, str(root), untitled))
 
 
 def read_ml_100k_recbole(root: Path) -> RawData:
@@ -60,9 +67,9 @@ def read_ml_100k_recbole(root: Path) -> RawData:
     raw_title = meta["movie_title:token_seq"].str.strip()
     title = raw_title.where(~year.str.fullmatch(r"\d{4}"), raw_title + " (" + year + ")")
     title = title.where(~raw_title.map(is_missing_title), "")
-    items = _titles(to_number(meta, "item_id:token", ipath, integer=True), title, meta, ipath)
+    items, untitled = _titles(to_number(meta, "item_id:token", ipath, integer=True), title, meta, ipath)
     ratings = _ratings(data, dpath, "user_id:token", "item_id:token", "timestamp:float")
-    return check_ml_100k(RawData(ratings, items, str(root)))
+    return check_ml_100k(RawData(ratings, items, str(root), untitled))
 
 
 def check_ml_100k(raw: RawData) -> RawData:

@@ -1,12 +1,25 @@
-"""Item-title normalisation shared by every dataset."""
+"""Item-title normalisation shared by every dataset.
+
+Titles are untrusted text that ends up in the catalogue, in prompts and on the terminal, so
+every loader normalises them the same way (:func:`normalize_text`): Unicode NFKC, control
+characters turned into spaces, invisible characters removed (zero-width characters, bidi
+controls such as U+202E, which can make "exe.gnp" display as "png.exe", and the other format
+characters), whitespace collapsed.
+"""
 
 from __future__ import annotations
 
 import html
 import re
+import unicodedata
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _SPACES = re.compile(r"\s+")
+# Invisible characters that are not in a "C" category: Hangul fillers, the braille blank, the
+# combining grapheme joiner and the variation selectors.
+_INVISIBLE = re.compile(
+    "[\u034f\u115f\u1160\u2800\u3164\uffa0\ufe00-\ufe0f\U000e0100-\U000e01ef]"
+)
 # MovieLens moves leading articles to the end: "Godfather, The (1972)". The article may be
 # followed by alternative titles in parentheses and the year: "City of Lost Children, The
 # (Cité des enfants perdus, La) (1995)".
@@ -17,12 +30,36 @@ _TRAILING_ARTICLE = re.compile(
 PLACEHOLDER_TITLES = frozenset({"", "unknown", "unkonwn"})
 
 
+def _drop_invisible(text: str) -> str:
+    """Control characters (``Cc``) become spaces; format characters (``Cf``: zero-width
+    spaces and joiners, bidi controls, soft hyphens, byte-order marks), private-use and
+    surrogate code points and the other invisible characters are removed."""
+    text = _INVISIBLE.sub("", text)
+    out = []
+    for ch in text:
+        category = unicodedata.category(ch)
+        if category == "Cc":
+            out.append(" ")
+        elif category not in ("Cf", "Co", "Cs"):
+            out.append(ch)
+    return "".join(out)
+
+
+def normalize_text(text: str) -> str:
+    """NFKC, invisible characters removed, control characters as spaces, whitespace collapsed."""
+    if text.isascii():  # the common case: NFKC leaves ASCII as it is
+        return _SPACES.sub(" ", _CONTROL.sub(" ", text)).strip()
+    # Invisible characters go before NFKC too, so that they cannot keep it from composing.
+    text = _drop_invisible(unicodedata.normalize("NFKC", _drop_invisible(text)))
+    return _SPACES.sub(" ", text).strip()
+
+
 def clean_title(title: str, *, unescape_html: bool = False) -> str:
-    """Strip control characters and collapse whitespace (optionally unescape HTML entities)."""
+    """A title as every dataset stores it (see :func:`normalize_text`), after unescaping HTML
+    entities if asked."""
     if unescape_html:
         title = html.unescape(title)
-    title = _CONTROL.sub(" ", title)
-    return _SPACES.sub(" ", title).strip()
+    return normalize_text(title)
 
 
 def movielens_title(title: str) -> str:
