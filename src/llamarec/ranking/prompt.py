@@ -17,8 +17,10 @@ always encoded with the tokenizer's default special tokens (``add_special_tokens
 
 from __future__ import annotations
 
+import functools
 import re
 import string
+import sys
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -109,8 +111,50 @@ class PromptConfig(BaseModel):
         return validate(cls, read_config_file(path), str(path))
 
 
-_INDEX_MARKER = re.compile(r"\(\s*([A-Za-z]|\d{1,3})\s*\)")
-_HASH_RUN = re.compile(r"#{2,}")
+# An index marker: one letter (of any script, with any combining marks) or one to three
+# digits, either in round or square brackets, "(B)", "[B]", "( 12. )", or followed by a
+# closing bracket alone, "B)"; spaces and punctuation such as "." or ":" may pad the letter.
+# Built on first use: the class of combining marks comes from unicodedata.
+_MARKER_PATTERN = (
+    r"[(\[]{pad}(?P<inside>[^\W\d_]{marks}*|\d{{1,3}}){pad}[)\]]"
+    r"|(?<![^\W_])(?P<bare>[^\W\d_]{marks}*|\d{{1,3}}){pad}(?P<close>[)\]])"
+)
+_MARKER_PAD = r"[\s.,:;!?*'\"`~-]*"
+
+
+@functools.cache
+def _index_marker() -> re.Pattern[str]:
+    marks = [c for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)).startswith("M")]
+    spans: list[list[int]] = []
+    for c in marks:
+        if spans and spans[-1][1] == c - 1:
+            spans[-1][1] = c
+        else:
+            spans.append([c, c])
+    cls = "[" + "".join(f"\\U{a:08x}-\\U{b:08x}" for a, b in spans) + "]"
+    return re.compile(_MARKER_PATTERN.format(marks=cls, pad=_MARKER_PAD))
+
+
+_OPENING = {")": "(", "]": "["}
+_HASH_RUN = re.compile(r"#(?:\s*#)+")
+# Copies of the default prompt's labels, followed by a colon or a colon look-alike.
+_LABEL = re.compile(
+    r"\b(?P<label>instruction|input|response|user\s+history|candidate\s+pool)\s*[:\u02d0\u05c3\u2236\ua789]",
+    re.IGNORECASE,
+)
+UNTITLED = "(no title)"
+"""What the prompt shows for a title that is empty once sanitised."""
+
+
+def _unmark(match: re.Match[str]) -> str:
+    """An index marker as its bare letter or number (without combining marks); ``2)`` that
+    closes an earlier ``(`` is kept."""
+    if match["bare"] is not None:
+        before = match.string[: match.start()]
+        if before.count(_OPENING[match["close"]]) > before.count(match["close"]):
+            return match[0]
+    token = match["inside"] or match["bare"]
+    return token if token[0].isdigit() else unicodedata.normalize("NFD", token)[0]
 
 
 def sanitize_title(title: str, special_tokens: Iterable[str] = ()) -> str:
@@ -118,35 +162,50 @@ def sanitize_title(title: str, special_tokens: Iterable[str] = ()) -> str:
 
     In this order:
 
-    1. control characters (Unicode category ``Cc``: newlines, tabs, ...) become spaces; the other
-       ``C*`` characters (format characters such as zero-width spaces, surrogates, private use,
-       unassigned) are removed, so they cannot hide the patterns below;
-    2. runs of whitespace collapse to one space and the ends are stripped: a title is one line;
-    3. runs of two or more ``#`` become one ``#``, so no title contains a ``###`` section
-       marker ("### Response:" becomes "# Response:");
-    4. parenthesised index markers, one letter or one to three digits such as ``(C)``, ``(c)``
-       or ``(12)``, become bracketed (``[C]``, ``[12]``), so a title cannot imitate a candidate
-       letter or a history number; four-digit years such as ``(1995)`` are kept as they are;
-    5. every occurrence of a string in ``special_tokens`` (at least two characters long, e.g.
+    1. Unicode NFKC, so that fullwidth and other compatibility forms (``＃＃＃``, ``（Ｂ）``)
+       become the characters they imitate;
+    2. control characters (Unicode category ``Cc``: newlines, tabs, ...) become spaces; the other
+       ``C*`` characters (format characters such as zero-width spaces and bidi controls,
+       surrogates, private use, unassigned) are removed, and so are combining marks that
+       are not on a letter (on a space, a digit or ASCII punctuation), so they cannot hide the
+       patterns below;
+    3. runs of whitespace collapse to one space and the ends are stripped: a title is one line;
+    4. index markers lose their brackets until none is left: one letter (with any combining
+       marks, ``B́``) or one to three digits in round or square brackets, ``(C)``, ``( c )``,
+       ``[C]``, ``[12]``, ``((C))``, ``(C.)``, or before a closing bracket that closes
+       nothing, ``C)``;
+       they become the bare letter without its marks or the number (``C``, ``12``), so a
+       title cannot imitate a candidate letter or a history number; four-digit years such as
+       ``(1995)`` and brackets around more than one character are kept;
+    5. runs of ``#`` (also with spaces between them) become one ``#``, so no title contains a
+       ``###`` section marker;
+    6. copies of the default prompt's labels followed by a colon (``Instruction:``,
+       ``Input:``, ``Response:``, ``User history:``, ``Candidate pool:``, in any case) get a
+       dash instead of the colon (``Response -``);
+    7. every occurrence of a string in ``special_tokens`` (at least two characters long, e.g.
        ``<|im_end|>``) gets a space after its first character (``< |im_end|>``), so the
        tokenizer reads it as plain text instead of a control token.
 
-    The result may be empty.
+    A title left empty is shown as :data:`UNTITLED`.
     """
-    chars = []
-    for ch in title:
+    chars: list[str] = []
+    for ch in unicodedata.normalize("NFKC", title):
         category = unicodedata.category(ch)
         if category == "Cc":
             chars.append(" ")
+        elif category.startswith("M") and (not chars or chars[-1].isascii() and not chars[-1].isalpha()):
+            continue  # a combining mark on nothing, a space, a digit or punctuation
         elif not category.startswith("C"):
             chars.append(ch)
     text = " ".join("".join(chars).split())
+    while (unmarked := _index_marker().sub(_unmark, text)) != text:
+        text = unmarked
     text = _HASH_RUN.sub("#", text)
-    text = _INDEX_MARKER.sub(r"[\1]", text)
+    text = _LABEL.sub(lambda m: f"{m['label']} -", text)
     for token in sorted(special_tokens, key=len, reverse=True):
         if len(token) >= 2 and token in text:
             text = text.replace(token, f"{token[0]} {token[1:]}")
-    return text
+    return text or UNTITLED
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
