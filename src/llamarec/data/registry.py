@@ -18,11 +18,11 @@ from llamarec.data.custom import INTERACTIONS, ITEMS, read_custom
 from llamarec.data.movielens import read_ml_100k, read_ml_100k_recbole, read_ml_latest_small
 from llamarec.data.tables import RawData
 from llamarec.errors import LlamarecError
-from llamarec.fetch import cache_dir, download_url, pip_download, sha256_of
+from llamarec.fetch import cache_dir, check_recorded, download_url, pip_download, sha256_of
 from llamarec.io import atomic_dir
 
 GROUPLENS = "https://files.grouplens.org/datasets/movielens"
-SNAP = "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles"
+SNAP = "https://snap.stanford.edu/data/amazon/productGraph/categoryFiles"
 AMAZON_2018_META = "https://datarepo.eng.ucsd.edu/mcauley_group/data/amazon_v2/metaFiles2"
 
 
@@ -52,8 +52,13 @@ class DatasetSpec:
 
 
 def _fetch_zip(url: str, members: dict[str, str | None], dest: Path) -> None:
-    """Download a zip and extract ``members`` (path in zip -> sha256 or None) flat into ``dest``."""
-    archive = download_url(url, cache_dir() / "downloads" / url.rsplit("/", 1)[-1], sha256=None)
+    """Download a zip and extract ``members`` (path in zip -> sha256 or None) flat into ``dest``.
+
+    The archive is checked against the sha256 recorded on its first download, and recorded
+    once it has been extracted (so that a broken first download is not recorded).
+    """
+    archive = download_url(url, cache_dir() / "downloads" / url.rsplit("/", 1)[-1], sha256=None,
+                           record=False)
     try:
         with zipfile.ZipFile(archive) as zf:
             for member, sha in members.items():
@@ -65,6 +70,7 @@ def _fetch_zip(url: str, members: dict[str, str | None], dest: Path) -> None:
     except (zipfile.BadZipFile, KeyError) as exc:
         archive.unlink(missing_ok=True)
         raise LlamarecError(f"{url}: not the expected archive ({exc})") from None
+    check_recorded(archive, url, shown=f"download of {url}")
 
 
 def _fetch_urls(urls: list[str], dest: Path) -> None:
@@ -161,6 +167,14 @@ def _expected(spec: DatasetSpec) -> str:
     return " or ".join("+".join(f.files) for f in spec.formats)
 
 
+def _check_cached(directory: Path, fmt: Format) -> Format:
+    """The cached raw files must have the sha256 they had when first fetched (recorded then)."""
+    for name in fmt.files:
+        path = directory / name
+        check_recorded(path, path.relative_to(cache_dir()).as_posix())
+    return fmt
+
+
 def locate(spec: DatasetSpec, data_dir: Path | None) -> tuple[Path, Format]:
     """Find (or obtain) a directory holding one of ``spec``'s formats."""
     if data_dir is not None:
@@ -172,7 +186,7 @@ def locate(spec: DatasetSpec, data_dir: Path | None) -> tuple[Path, Format]:
         return data_dir, fmt
     cached = cache_dir() / "raw" / spec.name
     if cached.is_dir() and (fmt := _format_in(spec, cached)) is not None:
-        return cached, fmt
+        return cached, _check_cached(cached, fmt)
     tried = [f"cache {cached}: not there"]
     for source in spec.sources:
         try:
@@ -183,7 +197,7 @@ def locate(spec: DatasetSpec, data_dir: Path | None) -> tuple[Path, Format]:
         except LlamarecError as exc:
             tried.append(f"{source.describe}: {exc}")
             continue
-        return cached, _format_in(spec, cached)  # type: ignore[return-value]
+        return cached, _check_cached(cached, _format_in(spec, cached))  # type: ignore[arg-type]
     raise LlamarecError(
         f"dataset {spec.name!r} not found ({'; '.join(tried)}); "
         f"pass --data-dir DIR holding {_expected(spec)}"
