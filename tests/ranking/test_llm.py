@@ -180,3 +180,25 @@ def test_default_smollm2_loads_offline_from_the_gguf(smollm2_cache, monkeypatch)
     assert letter_ids == list(range(49, 69))
     scores = LetterScorer(model, tokenizer, letter_ids[:2]).score([prompt])
     assert scores.shape == (1, 2) and torch.isfinite(scores).all()
+
+
+def test_hub_snapshot_is_pinned(monkeypatch):
+    import huggingface_hub
+
+    calls = []
+    monkeypatch.setattr(llm, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: calls.append((a, k)) or "/s")
+    assert llm._smollm2_from_hub() == "/s"
+    [(args, kwargs)] = calls
+    assert args == (llm.SMOLLM2_HUB_ID,) and kwargs["local_files_only"] is True
+    assert kwargs["revision"] == llm.SMOLLM2_HUB_REVISION
+    assert len(llm.SMOLLM2_HUB_REVISION) == 40 and int(llm.SMOLLM2_HUB_REVISION, 16) >= 0
+    assert not any(p.endswith(".bin") for p in kwargs["allow_patterns"])
+
+
+def test_load_llm_never_reads_pickled_weights(tiny_dir):
+    # a checkpoint with only pytorch_model.bin (a pickle) is refused, not unpickled
+    (tiny_dir / "model.safetensors").unlink()
+    (tiny_dir / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(LlamarecError, match=r"cannot load the model .*safetensors"):
+        load_llm(str(tiny_dir), device="cpu")

