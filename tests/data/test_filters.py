@@ -127,7 +127,7 @@ def test_losing_more_than_the_share_warns_once_per_filter(tmp_path: Path,
         ds = load_dataset("custom", root, min_uc=3, min_sc=3)
     assert ds.stats()["dropped_interactions_unknown_item"] == 24
     [line] = warnings_of(caplog)
-    assert line.startswith(f"warning: {root}: 24 of 48 interactions (50%) dropped for lack of an "
+    assert line.startswith(f"warning: {root}: 24 of 48 interactions (50.0%) dropped for lack of an "
                            "item title: 24 whose item id is not in the items file, 0 whose item")
     assert "\n" not in line
     # the k-core gets its own line: 5 of 6 users have too few interactions for min_uc=8
@@ -137,7 +137,7 @@ def test_losing_more_than_the_share_warns_once_per_filter(tmp_path: Path,
     with caplog.at_level(logging.WARNING):
         load_dataset("custom", root, min_uc=8, min_sc=1)
     [line] = warnings_of(caplog)
-    assert line == f"warning: {root}: 8/1-core filtering dropped 20 of 28 interactions (71%), 5 users and 0 items"
+    assert line == f"warning: {root}: 8/1-core filtering dropped 20 of 28 interactions (71.4%), 5 users and 0 items"
 
 
 def test_small_losses_do_not_warn(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -177,4 +177,4 @@ def test_script_warning_is_one_line_on_stderr(tmp_path: Path, run_llamarec) -> N
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["dropped_interactions_unknown_item"] == 24
     [line] = proc.stderr.splitlines()
-    assert line.startswith(f"warning: {root}: 24 of 48 interactions (50%) dropped")
+    assert line.startswith(f"warning: {root}: 24 of 48 interactions (50.0%) dropped")

@@ -68,7 +68,7 @@ def _warn_about_drops(report: dict[str, int], source: str, min_uc: int, min_sc: 
     untitled = report["dropped_interactions_untitled_item"]
     if total and (unknown + untitled) / total > DROP_WARN_SHARE:
         logger.warning(
-            "warning: %s: %s of %s interactions (%.0f%%) dropped for lack of an item title: "
+            "warning: %s: %s of %s interactions (%.1f%%) dropped for lack of an item title: "
             "%s whose item id is not in the items file, %s whose item has no title; check that "
             "both files spell the item ids alike", source, f"{unknown + untitled:,}",
             f"{total:,}", 100 * (unknown + untitled) / total, f"{unknown:,}", f"{untitled:,}")
@@ -76,7 +76,7 @@ def _warn_about_drops(report: dict[str, int], source: str, min_uc: int, min_sc: 
     dropped = report["dropped_kcore_interactions"]
     if entering and dropped / entering > DROP_WARN_SHARE:
         logger.warning(
-            "warning: %s: %d/%d-core filtering dropped %s of %s interactions (%.0f%%), "
+            "warning: %s: %d/%d-core filtering dropped %s of %s interactions (%.1f%%), "
             "%s users and %s items", source, min_uc, min_sc, f"{dropped:,}", f"{entering:,}",
             100 * dropped / entering, f"{report['dropped_kcore_users']:,}",
             f"{report['dropped_kcore_items']:,}")
