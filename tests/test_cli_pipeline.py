@@ -95,7 +95,8 @@ def test_recommend_json(tiny_pipeline_run: Path) -> None:
                     "--history", "item 5", "-k", "6", "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert set(data) == {"items", "retrieval_ms", "ranking_ms"}
+    assert set(data) == {"items", "retrieval_ms", "ranking_ms", "error", "history"}
+    assert data["error"] is None and data["history"] == ["3", "4", "5"]
     assert len(data["items"]) == 6
     assert set(data["items"][0]) == {"item_id", "title", "score", "retriever_score", "ranker_score"}
     expected = Recommender.load(tiny_pipeline_run).recommend(["3", "4", "5"], k=6)

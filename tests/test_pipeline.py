@@ -12,7 +12,7 @@ import torch
 
 from llamarec.errors import LlamarecError
 from llamarec.pipeline import Recommender
-from llamarec.ranking.evaluate import fuse
+from llamarec.ranking.scoring import ScoringConfig, fuse
 from llamarec.retrieval.evaluate import top_k
 
 HISTORY = ["3", "Item 4", "item 5"]  # a raw id, an exact title, a title in another case
@@ -31,7 +31,8 @@ def test_load_finds_the_ranker_and_the_tuned_fusion_weight(rec: Recommender, tin
     assert rec.ranker is not None
     assert rec.n_candidates == 20
     metrics = json.loads((tiny_pipeline_run / "metrics.json").read_text())
-    assert rec.fusion_weight == metrics["ranker"]["fusion"]["weight"]
+    assert rec.scoring.fusion_weight == metrics["ranker"]["fusion"]["weight"]
+    assert rec.scoring == ScoringConfig.model_validate(metrics["ranker"]["scoring"])
 
 
 def test_recommend_returns_k_new_items_best_first(rec: Recommender) -> None:
@@ -52,12 +53,12 @@ def test_the_final_score_fuses_ranker_and_retriever_over_the_candidates(rec: Rec
     result = rec.recommend(HISTORY, k=20)
     llm = torch.tensor([[r.ranker_score for r in result.items]])
     ret = torch.tensor([[r.retriever_score for r in result.items]])
-    expected = fuse(llm, ret, rec.fusion_weight)[0]
+    expected = fuse(llm, ret, rec.scoring.fusion_weight, rec.scoring.retriever_temperature)[0]
     assert [r.score for r in result.items] == pytest.approx(expected.tolist(), abs=1e-5)
 
 
 def test_with_fusion_weight_zero_the_ranker_alone_orders_the_candidates(rec: Recommender) -> None:
-    ranker_only = Recommender(rec.retriever, rec.max_len, rec.ds, rec.ranker, fusion_weight=0.0)
+    ranker_only = Recommender(rec.retriever, rec.max_len, rec.catalogue, rec.ranker, ScoringConfig(fusion_weight=0.0))
     result = ranker_only.recommend(HISTORY, k=20)
     llm = [r.ranker_score for r in result.items]
     assert llm == sorted(llm, reverse=True)
@@ -66,17 +67,17 @@ def test_with_fusion_weight_zero_the_ranker_alone_orders_the_candidates(rec: Rec
 
 def test_history_entries_resolve_by_id_title_or_case_insensitive_title(rec: Recommender) -> None:
     assert rec.resolve_item("3") == rec.resolve_item(3) == rec.resolve_item("Item 3") == rec.resolve_item(" item 3 ")
-    assert rec.ds.item_raw_ids[rec.resolve_item("Item 3")] == "3"
+    assert rec.catalogue.raw_ids[rec.resolve_item("Item 3")] == "3"
     by_id = rec.recommend(["3", "4", "5"], k=5)
     by_title = rec.recommend(["ITEM 3", "Item 4", "item 5"], k=5)
     assert ids(by_id) == ids(by_title)
 
 
 def test_an_ambiguous_title_lists_the_item_ids(rec: Recommender) -> None:
-    titles = list(rec.ds.titles)
+    titles = list(rec.catalogue.titles)
     titles[6] = "ITEM 5"  # item "6" now differs from item "5" only in case
-    twin = Recommender(rec.retriever, rec.max_len, dataclasses.replace(rec.ds, titles=titles))
-    assert rec.ds.titles[6] == "Item 6"  # the loaded dataset is untouched
+    twin = Recommender(rec.retriever, rec.max_len, dataclasses.replace(rec.catalogue, titles=titles))
+    assert rec.catalogue.titles[6] == "Item 6"  # the loaded dataset is untouched
     assert twin.resolve_item("Item 5") == 5  # an exact title wins
     assert twin.resolve_item("ITEM 5") == 6
     with pytest.raises(LlamarecError, match=r"'item 5' matches several items \(ids 5, 6\)"):
@@ -86,7 +87,7 @@ def test_an_ambiguous_title_lists_the_item_ids(rec: Recommender) -> None:
 def test_an_unknown_title_suggests_close_matches(rec: Recommender) -> None:
     with pytest.raises(LlamarecError, match="close matches: .*Item 41") as info:
         rec.recommend(["Itme 41"])
-    assert "'Itme 41' is neither an item id nor a title of custom" in str(info.value)
+    assert "'Itme 41' is neither an item id nor a title" in str(info.value)
     with pytest.raises(LlamarecError, match="neither an item id nor a title") as info:
         rec.recommend(["Casablanca"])
     assert "close matches" not in str(info.value)
@@ -101,8 +102,9 @@ def test_k_must_fit_the_candidates(rec: Recommender, k: int) -> None:
 def test_an_empty_history_is_an_error(rec: Recommender) -> None:
     with pytest.raises(LlamarecError, match="at least one item"):
         rec.recommend([])
-    with pytest.raises(LlamarecError, match="at least one item"):
-        rec.recommend_batch([["3"], []])
+    good, bad = rec.recommend_batch([["3"], []])
+    assert good.error is None and len(good.items) == 10
+    assert bad.items == [] and "at least one item" in bad.error
 
 
 def test_recommend_batch_equals_single_calls(rec: Recommender) -> None:
@@ -127,7 +129,7 @@ def test_without_the_ranker_the_retriever_orders_the_items(rec: Recommender, tin
     assert all(r.ranker_score is None and r.score == r.retriever_score for r in result.items)
     dense = np.array([plain.resolve_item(e) for e in HISTORY])
     items, scores = top_k(plain.retriever, [dense], 20, plain.max_len)
-    assert ids(result) == [plain.ds.item_raw_ids[i] for i in items[0]]
+    assert ids(result) == [plain.catalogue.raw_ids[i] for i in items[0]]
     assert [r.score for r in result.items] == pytest.approx(scores[0].tolist(), abs=1e-6)
     # The ranker reorders the same candidates.
     assert sorted(ids(result)) == sorted(ids(rec.recommend(HISTORY, k=20)))

@@ -194,15 +194,18 @@ def rank_evaluate(
     limit: Annotated[int | None, typer.Option(help="Evaluate at most this many valid users per split.")] = None,
     out: Annotated[Path | None, typer.Option(help="Output directory (default inside RANKER).")] = None,
     dtype: Annotated[str | None, typer.Option(help="Override the run's dtype: float32, bfloat16, ...")] = None,
+    calibrate: Annotated[bool, typer.Option(
+        "--calibrate", help="Subtract the letter prior estimated on shuffled validation prompts.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Evaluate ranker vs retriever (valid subset and overall, with fusion) and write metrics.json."""
+    """Evaluate ranker vs retriever (valid subset and overall, with fusion, paired differences
+    with 95 % bootstrap intervals) and write metrics.json."""
     from llamarec.ranking.evaluate import evaluate_ranker
 
     if order not in ("retriever", "shuffled", "average"):
         raise LlamarecError(f"--order {order!r}: expected retriever, shuffled or average")
     results = evaluate_ranker(ranker, zero_shot=zero_shot, order=order, permutations=permutations,
-                              limit=limit, out=out, dtype=dtype)
+                              limit=limit, out=out, dtype=dtype, calibrate=calibrate)
     if as_json:
         print(json.dumps(results, indent=2))
         return
@@ -213,7 +216,11 @@ def rank_evaluate(
             table.add_row(view, method, *(f"{m[k]:.4f}" for k in
                                           ("NDCG@5", "NDCG@10", "Recall@5", "Recall@10", "MRR@10")))
     console.print(table)
-    console.print(f"fusion weight (tuned on validation): {results['fusion']['weight']}")
+    for name, views in results["test"]["comparisons"].items():
+        c = views["valid_subset"]["NDCG@10"]
+        console.print(f"{name} (valid subset NDCG@10): {c['diff']:+.4f} "
+                      f"[95% CI {c['ci_low']:+.4f}, {c['ci_high']:+.4f}]")
+    console.print(f"fusion weight ({results['fusion']['chosen_by']}): {results['fusion']['weight']}")
 
 
 @app.command("run")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TypeVar
 
@@ -34,3 +35,15 @@ def validate(model_cls: type[M], values: dict, source: str) -> M:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or "config"
         raise LlamarecError(f"{source}: {field}: {err['msg']} (got {err.get('input')!r})") from None
+
+
+def read_json_config(model_cls: type[M], path: Path) -> M:
+    """A JSON file a run wrote, validated into ``model_cls``; a damaged or edited file gives one
+    line naming the file and what is wrong."""
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise LlamarecError(f"{path}: cannot read ({' '.join(str(exc).split())})") from None
+    if not isinstance(values, dict):
+        raise LlamarecError(f"{path}: expected a JSON object")
+    return validate(model_cls, values, str(path))

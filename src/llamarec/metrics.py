@@ -70,3 +70,29 @@ def overall_metrics(subset: Mapping[str, float], n_subset: int, rest: Mapping[st
     if total == 0:
         return {k: 0.0 for k in subset}
     return {k: (subset[k] * n_subset + rest.get(k, 0.0) * n_rest) / total for k in subset}
+
+
+def per_user_metric(ranks: torch.Tensor, metric: str) -> torch.Tensor:
+    """One user's value of ``metric`` (``"NDCG@10"``, ``"Recall@5"``, ``"MRR@10"``...) per rank."""
+    name, k = metric.split("@")
+    ranks = torch.as_tensor(ranks, dtype=torch.float64)
+    hit = ranks < int(k)
+    value = {"Recall": torch.ones_like(ranks), "NDCG": 1.0 / torch.log2(ranks + 2), "MRR": 1.0 / (ranks + 1)}[name]
+    return torch.where(hit, value, 0.0)
+
+
+def paired_bootstrap(a: torch.Tensor, b: torch.Tensor, n_resamples: int = 2000, seed: int = 0,
+                     level: float = 0.95) -> dict[str, float]:
+    """Mean of ``a - b`` over users and its percentile bootstrap confidence interval.
+
+    ``a[i]`` and ``b[i]`` are two methods' values for the same user; users are resampled with
+    replacement (seeded, so the interval is reproducible)."""
+    diff = (torch.as_tensor(a, dtype=torch.float64) - torch.as_tensor(b, dtype=torch.float64)).flatten()
+    if diff.numel() == 0:
+        return {"diff": 0.0, "ci_low": 0.0, "ci_high": 0.0}
+    generator = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, diff.numel(), (n_resamples, diff.numel()), generator=generator)
+    means = diff[idx].mean(1)
+    tail = (1 - level) / 2
+    low, high = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return {"diff": diff.mean().item(), "ci_low": low, "ci_high": high}

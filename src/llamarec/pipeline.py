@@ -1,30 +1,42 @@
 """The two-stage recommender: retriever top-k, then the LLM ranker, then fusion.
 
-:class:`Recommender` is the one object the CLI, the Python API and evaluation of new histories
-use; it composes the same retrieval (:func:`~llamarec.retrieval.evaluate.top_k`) and ranking
-(:class:`~llamarec.ranking.ranker.Ranker`) code that training and evaluation use.
+:class:`Recommender` is the one object the CLI, the Python API, the server and batch scoring
+use. It loads everything from a run directory (retriever weights, item catalogue, ranker
+adapter, scoring config) and nothing from the dataset, so a run can be copied and served
+anywhere the base LLM can be found. ``retrieve`` and ``rerank`` are the two stages;
+evaluation reranks through the same :meth:`Ranker.rerank <llamarec.ranking.ranker.Ranker.rerank>`.
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import logging
+import numbers
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from llamarec.data.dataset import Dataset
+from llamarec.catalogue import Catalogue
 from llamarec.errors import LlamarecError
-from llamarec.ranking.examples import RankExample
+from llamarec.layout import (
+    CANDIDATES_SUMMARY,
+    CATALOGUE_FILE,
+    PIPELINE_METRICS,
+    RANK_TRAIN_METRICS,
+    RANKER_DIR,
+    RETRIEVER_DIR,
+)
+from llamarec.ranking.scoring import ScoringConfig
 from llamarec.retrieval.evaluate import top_k
+from llamarec.retrieval.load import load_retriever_model
 from llamarec.retrieval.models.base import SequentialRecommender
-from llamarec.retrieval.train import load_retriever
 
-RETRIEVER_DIR, RANKER_DIR, METRICS_FILE = "retriever", "ranker", "metrics.json"
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,117 +53,175 @@ class RecommendResult:
     items: list[Recommendation]
     retrieval_ms: float
     ranking_ms: float
+    error: str | None = None  # why this history got no recommendations (batch calls only)
+    history: list[str] = field(default_factory=list)  # the resolved history, as raw item ids
 
 
 class Recommender:
     """Retriever + optional LLM ranker + item catalogue, loaded from a run directory."""
 
-    def __init__(self, retriever: SequentialRecommender, max_len: int, dataset: Dataset,
-                 ranker=None, fusion_weight: float = float("inf"), n_candidates: int = 20) -> None:
-        self.retriever, self.max_len, self.ds = retriever.eval(), max_len, dataset
-        self.ranker, self.fusion_weight, self.n_candidates = ranker, fusion_weight, n_candidates
-        self._by_raw_id = {raw: i for i, raw in enumerate(dataset.item_raw_ids) if i > 0}
+    def __init__(self, retriever: SequentialRecommender, max_len: int, catalogue: Catalogue,
+                 ranker=None, scoring: ScoringConfig | None = None, n_candidates: int = 20) -> None:
+        self.retriever, self.max_len, self.catalogue = retriever.eval(), max_len, catalogue
+        self.ranker, self.n_candidates = ranker, n_candidates
+        self.scoring = scoring or ScoringConfig()
+        self._by_raw_id = {raw: i for i, raw in enumerate(catalogue.raw_ids) if i > 0}
         self._by_title: dict[str, list[int]] = {}
-        for i, title in enumerate(dataset.titles[1:], 1):
+        for i, title in enumerate(catalogue.titles[1:], 1):
             self._by_title.setdefault(title.casefold(), []).append(i)
 
     @classmethod
-    def load(cls, run_dir: str | Path, *, with_ranker: bool = True) -> Recommender:
-        """Load ``run_dir`` written by ``llamarec run`` (or a bare retriever run directory)."""
+    def load(cls, run_dir: str | Path, *, with_ranker: bool = True, device: str = "cpu",
+             dtype: str | None = None) -> Recommender:
+        """Load ``run_dir`` written by ``llamarec run`` (or a bare retriever run directory) on
+        ``device``; ``dtype`` (``float32``, ``bfloat16``...) overrides the models' own."""
+        from llamarec.ranking.llm import resolve_dtype
+
         run_dir = Path(run_dir)
         retriever_dir = run_dir / RETRIEVER_DIR if (run_dir / RETRIEVER_DIR).is_dir() else run_dir
-        model, cfg, ds = load_retriever(retriever_dir)
-        ranker, weight, n_candidates = None, float("inf"), 20
+        torch_dtype = None if dtype is None else resolve_dtype(dtype, torch.device("cpu"))
+        model, cfg = load_retriever_model(retriever_dir, device, torch_dtype)
+        catalogue = _catalogue(retriever_dir)
+        ranker, scoring, n_candidates = None, ScoringConfig(), 20
         if with_ranker and (run_dir / RANKER_DIR / "adapter").is_dir():
-            ranker = _load_ranker(run_dir / RANKER_DIR, ds)
-            weight = _fusion_weight(run_dir)
+            from llamarec.ranking.ranker import load_ranker
+
+            ranker = load_ranker(run_dir / RANKER_DIR, catalogue.titles, device=device, dtype=dtype)
+            scoring = _scoring(run_dir)
             # The ranker was fine-tuned, and the fusion weight tuned, on the run's top-k candidates.
-            candidates = retriever_dir / "candidates.json"
-            if candidates.is_file():
-                n_candidates = int(json.loads(candidates.read_text())["k"])
-        return cls(model, cfg.max_len, ds, ranker, weight, n_candidates)
+            summary = retriever_dir / CANDIDATES_SUMMARY
+            if summary.is_file():
+                n_candidates = int(json.loads(summary.read_text())["k"])
+        return cls(model, cfg.max_len, catalogue, ranker, scoring, n_candidates)
 
     # -- history resolution ---------------------------------------------------------------------
     def resolve_item(self, entry: int | str) -> int:
         """Dense id of a history entry: a raw item id, an exact title, or an unambiguous
         case-insensitive title."""
+        if isinstance(entry, bool) or not isinstance(entry, (str, numbers.Integral)):
+            raise LlamarecError(f"history item {entry!r}: expected an item id or a title, "
+                                f"not {type(entry).__name__}")
         key = str(entry).strip()
         if key in self._by_raw_id:
             return self._by_raw_id[key]
-        exact = [i for i in self._by_title.get(key.casefold(), []) if self.ds.titles[i] == key]
+        titles = self.catalogue.titles
+        exact = [i for i in self._by_title.get(key.casefold(), []) if titles[i] == key]
         matches = exact or self._by_title.get(key.casefold(), [])
         if len(matches) == 1:
             return matches[0]
         if len(matches) > 1:
-            ids = ", ".join(self.ds.item_raw_ids[i] for i in matches)
+            ids = ", ".join(self.catalogue.raw_ids[i] for i in matches)
             raise LlamarecError(f"history item {key!r} matches several items (ids {ids}); give an id")
-        close = difflib.get_close_matches(key, [t for t in self.ds.titles[1:]], n=5, cutoff=0.6)
+        close = difflib.get_close_matches(key, titles[1:], n=5, cutoff=0.6)
         hint = f"; close matches: {'; '.join(close)}" if close else ""
-        raise LlamarecError(f"history item {key!r} is neither an item id nor a title of {self.ds.name}{hint}")
+        raise LlamarecError(f"history item {key!r} is neither an item id nor a title{hint}")
+
+    def resolve_history(self, history: Sequence[int | str] | np.ndarray) -> np.ndarray:
+        """Dense ids of a history, oldest first. A string or a set is refused (a string is not
+        a list of items, a set has no order); a numpy array of ids is fine."""
+        if isinstance(history, (str, bytes)):
+            raise LlamarecError("a history is a list of item ids or titles, not one string")
+        if isinstance(history, np.ndarray):
+            history = history.tolist()
+        if not isinstance(history, Sequence):
+            raise LlamarecError(f"a history is a list (oldest first), not {type(history).__name__}")
+        if not history:
+            raise LlamarecError("a history needs at least one item")
+        return np.array([self.resolve_item(e) for e in history], dtype=np.int64)
+
+    def _check_k(self, k: object) -> int:
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+            raise LlamarecError(f"k={k!r}: must be a whole number")
+        if not 1 <= k <= self.n_candidates:
+            raise LlamarecError(f"k={k}: must be between 1 and the number of candidates ({self.n_candidates})")
+        return int(k)
+
+    # -- the two stages ---------------------------------------------------------------------------
+    def retrieve(self, histories: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """The retriever's top ``n_candidates`` items and scores per history (dense ids), best first."""
+        items, scores = top_k(self.retriever, list(histories), self.n_candidates, self.max_len)
+        if not np.isfinite(scores).all():
+            raise LlamarecError("the retriever returned NaN or infinite scores: its weights are damaged")
+        return items, scores
+
+    def rerank(self, histories: Sequence[np.ndarray], candidates: np.ndarray,
+               retriever_scores: np.ndarray) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Ranker scores (None without a ranker) and final scores, aligned with ``candidates``."""
+        if self.ranker is None:
+            return None, torch.as_tensor(retriever_scores, dtype=torch.float32)
+        return self.ranker.rerank(histories, candidates, retriever_scores, self.scoring)
 
     # -- recommendation -------------------------------------------------------------------------
     def recommend(self, history: Sequence[int | str], k: int = 10) -> RecommendResult:
-        return self.recommend_batch([history], k)[0]
+        result = self.recommend_batch([history], k)[0]
+        if result.error is not None:
+            raise LlamarecError(result.error)
+        return result
 
     def recommend_batch(self, histories: Sequence[Sequence[int | str]], k: int = 10) -> list[RecommendResult]:
         """Recommend ``k`` items for each history; the ranker scores all histories in one
-        batched pass."""
-        if not 1 <= k <= self.n_candidates:
-            raise LlamarecError(f"k={k}: must be between 1 and the number of candidates ({self.n_candidates})")
-        if not histories:
-            return []
-        dense = []
-        for hist in histories:
-            if not hist:
-                raise LlamarecError("a history needs at least one item")
-            dense.append(np.array([self.resolve_item(e) for e in hist], dtype=np.int64))
+        batched pass. A history that cannot be resolved gets a result with ``error`` set and
+        no items; the others are unaffected."""
+        k = self._check_k(k)
+        if isinstance(histories, (str, bytes)) or not isinstance(histories, (Sequence, np.ndarray)):
+            raise LlamarecError("histories must be a list of histories")
+        results: list[RecommendResult | None] = [None] * len(histories)
+        dense, rows = [], []
+        for row, hist in enumerate(histories):
+            try:
+                dense.append(self.resolve_history(hist))
+                rows.append(row)
+            except LlamarecError as exc:
+                results[row] = RecommendResult([], 0.0, 0.0, error=str(exc))
+        if dense:
+            for row, result in zip(rows, self._recommend_resolved(dense, k)):
+                results[row] = result
+        return results  # type: ignore[return-value]
+
+    def _recommend_resolved(self, dense: list[np.ndarray], k: int) -> list[RecommendResult]:
         start = time.perf_counter()
-        items, ret_scores = top_k(self.retriever, dense, self.n_candidates, self.max_len)
+        items, ret_scores = self.retrieve(dense)
         retrieval_ms = (time.perf_counter() - start) * 1000 / len(dense)
         start = time.perf_counter()
-        ret = torch.from_numpy(ret_scores)
-        if self.ranker is not None:
-            from llamarec.ranking.evaluate import fuse
-
-            examples = [RankExample(-1, tuple(h[-self.ranker.builder.config.max_history:].tolist()),
-                                    tuple(int(i) for i in row), 0) for h, row in zip(dense, items)]
-            llm = self.ranker.score(examples)
-            final = fuse(llm, ret, self.fusion_weight)
-        else:
-            llm, final = None, ret
+        llm, final = self.rerank(dense, items, ret_scores)
         ranking_ms = (time.perf_counter() - start) * 1000 / len(dense)
-        results = []
-        for row in range(len(dense)):
-            order = torch.argsort(final[row], descending=True)[:k].tolist()
+        cat, results = self.catalogue, []
+        for row, hist in enumerate(dense):
+            order = torch.argsort(final[row], descending=True, stable=True)[:k].tolist()
             results.append(RecommendResult([
-                Recommendation(self.ds.item_raw_ids[items[row, j]], self.ds.titles[items[row, j]],
-                               float(final[row, j]), float(ret[row, j]),
-                               None if llm is None else float(llm[row, j]))
-                for j in order], retrieval_ms, ranking_ms))
+                Recommendation(cat.raw_ids[items[row, j]], cat.titles[items[row, j]], float(final[row, j]),
+                               float(ret_scores[row, j]), None if llm is None else float(llm[row, j]))
+                for j in order], retrieval_ms, ranking_ms, history=[cat.raw_ids[i] for i in hist]))
         return results
 
 
-def _load_ranker(rank_dir: Path, ds: Dataset):
-    from peft import PeftModel
-
-    from llamarec.ranking.config import RankConfig
-    from llamarec.ranking.finetune import ADAPTER_DIR, CONFIG_FILE
-    from llamarec.ranking.llm import load_llm
-    from llamarec.ranking.prompt import PromptConfig
-    from llamarec.ranking.ranker import Ranker
-
-    cfg = RankConfig.model_validate(json.loads((rank_dir / CONFIG_FILE).read_text()))
-    model, tokenizer = load_llm(cfg.model, dtype=cfg.dtype, device=cfg.device,
-                                load_in_4bit=cfg.load_in_4bit, gguf_file=cfg.gguf_file)
-    model = PeftModel.from_pretrained(model, rank_dir / ADAPTER_DIR).eval()
-    prompt_cfg = PromptConfig.from_file(cfg.prompt_file) if cfg.prompt_file else PromptConfig()
-    return Ranker(model, tokenizer, ds.titles, prompt_cfg, cfg.eval_batch_size)
-
-
-def _fusion_weight(run_dir: Path) -> float:
-    """The fusion weight tuned on validation users by the run's evaluation (retriever order if
-    the run was not evaluated)."""
-    path = run_dir / METRICS_FILE
+def _catalogue(retriever_dir: Path) -> Catalogue:
+    path = retriever_dir / CATALOGUE_FILE
     if not path.is_file():
-        return float("inf")
-    return float(json.loads(path.read_text()).get("ranker", {}).get("fusion", {}).get("weight", float("inf")))
+        # A run trained before runs carried their catalogue: build it once from the dataset.
+        from llamarec.data import load_run_dataset
+
+        ds = load_run_dataset(retriever_dir)
+        Catalogue(ds.item_raw_ids, ds.titles).save(path)
+        logger.info("wrote the item catalogue of %s", retriever_dir)
+    return Catalogue.load(path)
+
+
+def _scoring(run_dir: Path) -> ScoringConfig:
+    """How the run's evaluation scored (order, permutations, letter prior, fusion weight); a
+    run not evaluated yet is served in the retriever's order, fused as it was trained."""
+    from llamarec.configs import validate
+
+    path = run_dir / PIPELINE_METRICS
+    if path.is_file():
+        ranker = json.loads(path.read_text()).get("ranker", {})
+        if "scoring" in ranker:
+            return validate(ScoringConfig, ranker["scoring"], f"{path}: ranker.scoring")
+        return ScoringConfig(fusion_weight=ranker.get("fusion", {}).get("weight", float("inf")))
+    train = run_dir / RANKER_DIR / RANK_TRAIN_METRICS
+    if train.is_file():
+        metrics = json.loads(train.read_text())
+        temperatures = metrics.get("retriever_temperatures") or {}
+        if "val" in temperatures:
+            return ScoringConfig(fusion_weight=metrics["residual_weight"], retriever_temperature=temperatures["val"])
+    return ScoringConfig()

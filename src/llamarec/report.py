@@ -11,7 +11,15 @@ import pandas as pd
 
 from llamarec.errors import LlamarecError
 from llamarec.io import atomic_path, write_text
-from llamarec.pipeline import METRICS_FILE, RANKER_DIR, RETRIEVER_DIR
+from llamarec.layout import (
+    EVAL_DIR,
+    EVAL_RANKS,
+    PIPELINE_METRICS,
+    RANKER_DIR,
+    REPORT_FILE,
+    RETRIEVER_CONFIG,
+    RETRIEVER_DIR,
+)
 
 METRICS = ("MRR@1", "NDCG@5", "NDCG@10", "Recall@5", "Recall@10", "MRR@10")
 METHODS = {"retriever": "Retriever", "ranker": "LlamaRec (ranker)", "fusion": "LlamaRec + fusion"}
@@ -67,7 +75,7 @@ def _plots(run_dir: Path, metrics: dict) -> list[str]:
     _save(fig, plots / "metrics.png")
     names.append("metrics.png")
     # How far the ranker moved the true item.
-    ranks_path = run_dir / RANKER_DIR / "eval" / "ranks.csv"
+    ranks_path = run_dir / RANKER_DIR / EVAL_DIR / EVAL_RANKS
     if ranks_path.is_file():
         ranks = pd.read_csv(ranks_path)
         test = ranks[ranks["split"] == "test"]
@@ -83,12 +91,12 @@ def _plots(run_dir: Path, metrics: dict) -> list[str]:
 
 def write_report(run_dir: Path) -> Path:
     """(Re)generate ``report.md`` and ``plots/`` from the run's saved metrics."""
-    path = run_dir / METRICS_FILE
+    path = run_dir / PIPELINE_METRICS
     if not path.is_file():
-        raise LlamarecError(f"{run_dir}: no {METRICS_FILE}; the run has not been evaluated yet")
+        raise LlamarecError(f"{run_dir}: no {PIPELINE_METRICS}; the run has not been evaluated yet")
     metrics = json.loads(path.read_text())
     data, ranker = metrics["data"], metrics["ranker"]
-    retr_cfg = json.loads((run_dir / RETRIEVER_DIR / "config.json").read_text())["train"]
+    retr_cfg = json.loads((run_dir / RETRIEVER_DIR / RETRIEVER_CONFIG).read_text())["train"]
     test = ranker["test"]
     plots = _plots(run_dir, metrics)
     rt = metrics["ranker_training"]
@@ -123,6 +131,6 @@ def write_report(run_dir: Path) -> Path:
         *[f"![{name}](plots/{name})" for name in plots],
         "",
     ]
-    out = run_dir / "report.md"
+    out = run_dir / REPORT_FILE
     write_text(out, "\n".join(lines))
     return out

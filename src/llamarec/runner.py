@@ -24,12 +24,21 @@ from rich.console import Console
 from llamarec.configs import read_config_file, validate
 from llamarec.errors import LlamarecError
 from llamarec.io import write_json, write_text
-from llamarec.pipeline import METRICS_FILE, RANKER_DIR, RETRIEVER_DIR
+from llamarec.layout import (
+    DATA_STATS,
+    EVAL_DIR,
+    PIPELINE_CONFIG,
+    PIPELINE_METRICS,
+    RANK_TRAIN_METRICS,
+    RANKER_DIR,
+    RETRIEVER_DIR,
+    RETRIEVER_METRICS,
+    STAGES_FILE,
+)
 from llamarec.ranking.config import RankConfig
 from llamarec.retrieval.config import RetrievalConfig
 
 STAGES = ("data", "retriever", "candidates", "ranker", "evaluate", "report")
-STATE_FILE, CONFIG_FILE, EVAL_DIR = "stages.json", "config.yaml", "eval"
 console = Console(stderr=True)
 
 
@@ -44,6 +53,7 @@ class EvalOptions(BaseModel):
     order: Literal["retriever", "shuffled", "average"] = "retriever"
     permutations: int = Field(3, ge=1)
     limit: int | None = Field(None, ge=1)
+    calibrate: bool = False
 
 
 class PipelineConfig(BaseModel):
@@ -114,8 +124,8 @@ class Runner:
 
     def run(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
-        write_text(self.out / CONFIG_FILE, yaml.safe_dump(json.loads(self.cfg.model_dump_json()), sort_keys=False))
-        state_path = self.out / STATE_FILE
+        write_text(self.out / PIPELINE_CONFIG, yaml.safe_dump(json.loads(self.cfg.model_dump_json()), sort_keys=False))
+        state_path = self.out / STAGES_FILE
         done: dict[str, str] = json.loads(state_path.read_text()) if state_path.is_file() else {}
         keys, redo = self.keys(), False
         steps: dict[str, Callable[[], str]] = {
@@ -140,12 +150,12 @@ class Runner:
             console.print(f"[green]✓[/] {stage} ({time.perf_counter() - start:.0f} s): {summary}")
             done[stage] = keys[stage]
             write_json(state_path, done)
-        return json.loads((self.out / METRICS_FILE).read_text())
+        return json.loads((self.out / PIPELINE_METRICS).read_text())
 
     def _clear(self, stage: str) -> None:
         """Remove what a stage wrote so it starts afresh (its config changed or was forced)."""
         paths = {"retriever": [self.out / RETRIEVER_DIR], "ranker": [self.out / RANKER_DIR],
-                 "evaluate": [self.out / RANKER_DIR / EVAL_DIR, self.out / METRICS_FILE]}.get(stage, [])
+                 "evaluate": [self.out / RANKER_DIR / EVAL_DIR, self.out / PIPELINE_METRICS]}.get(stage, [])
         for path in paths:
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
@@ -158,7 +168,7 @@ class Runner:
 
         ds = load_dataset(self.cfg.dataset, self.cfg.data_dir)
         stats = ds.stats()
-        write_json(self.out / "data.json", stats)
+        write_json(self.out / DATA_STATS, stats)
         return f"{stats['users']:,} users, {stats['items']:,} items, {stats['interactions']:,} interactions"
 
     def _retriever(self) -> str:
@@ -187,14 +197,15 @@ class Runner:
 
         e = self.cfg.evaluation
         results = evaluate_ranker(self.out / RANKER_DIR, order=e.order, permutations=e.permutations,
-                                  limit=e.limit, out=self.out / RANKER_DIR / EVAL_DIR)
+                                  limit=e.limit, out=self.out / RANKER_DIR / EVAL_DIR,
+                                  calibrate=e.calibrate)
         metrics = {
-            "data": json.loads((self.out / "data.json").read_text()),
-            "retriever": json.loads((self.out / RETRIEVER_DIR / "metrics.json").read_text()),
-            "ranker_training": json.loads((self.out / RANKER_DIR / "train_metrics.json").read_text()),
+            "data": json.loads((self.out / DATA_STATS).read_text()),
+            "retriever": json.loads((self.out / RETRIEVER_DIR / RETRIEVER_METRICS).read_text()),
+            "ranker_training": json.loads((self.out / RANKER_DIR / RANK_TRAIN_METRICS).read_text()),
             "ranker": results,
         }
-        write_json(self.out / METRICS_FILE, metrics)
+        write_json(self.out / PIPELINE_METRICS, metrics)
         t = results["test"]["overall"]
         return ("test overall NDCG@10 retriever {:.4f}, ranker {:.4f}, fusion {:.4f}".format(
             t["retriever"]["NDCG@10"], t["ranker"]["NDCG@10"], t["fusion"]["NDCG@10"]))

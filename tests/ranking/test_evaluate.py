@@ -10,11 +10,12 @@ import torch
 
 from llamarec.errors import LlamarecError
 from llamarec.metrics import metrics_from_ranks, target_ranks
-from llamarec.ranking.evaluate import FUSION_WEIGHTS, KS, evaluate_ranker, fuse, tune_fusion
+from llamarec.ranking.evaluate import evaluate_ranker
+from llamarec.ranking.scoring import FUSION_WEIGHTS, KS, fuse, tune_fusion
 from llamarec.ranking.examples import evaluation_examples
 from llamarec.ranking.llm import load_llm
 from llamarec.ranking.ranker import Ranker
-from llamarec.retrieval.candidates import load_candidates
+from llamarec.candidates import load_candidates
 from llamarec.retrieval.train import load_retriever
 
 INF = float("inf")

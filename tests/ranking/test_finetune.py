@@ -17,7 +17,7 @@ from llamarec.ranking.finetune import Finetuner, finetune_ranker, ranking_metric
 from llamarec.ranking.llm import load_llm
 from llamarec.ranking.prompt import LETTERS
 from llamarec.ranking.ranker import Ranker
-from llamarec.retrieval.candidates import load_candidates
+from llamarec.candidates import load_candidates
 from llamarec.retrieval.train import load_retriever
 
 
@@ -32,8 +32,8 @@ def base_ranker(cfg) -> Ranker:
 
 def val_examples(cfg):
     ds = load_retriever(cfg.retriever)[2]
-    return evaluation_examples(ds, load_candidates(cfg.retriever, "val"), "val", order="shuffled",
-                               max_history=20, seed=cfg.seed, limit=cfg.val_users)
+    return evaluation_examples(ds, load_candidates(cfg.retriever, "val"), "val", max_history=20,
+                               limit=cfg.val_users)
 
 
 def test_batch_loss_is_cross_entropy_of_the_answer_letter(tiny_rank_config, tmp_path):
@@ -98,7 +98,7 @@ def test_tiny_run_writes_adapter_tokenizer_config_and_metrics(tiny_rank_run, tin
     # step 0 is the base model: the same metrics as scoring with the plain LLM
     examples = val_examples(cfg)
     assert len(examples) == 4
-    zero_shot = ranking_metrics(base_ranker(cfg).score(examples), examples)
+    zero_shot = ranking_metrics(base_ranker(cfg).score(examples, cfg.val_order, seed=cfg.seed), examples)
     assert {k: metrics["history"][0][k] for k in zero_shot} == pytest.approx(zero_shot)
 
 

@@ -11,7 +11,7 @@ from llamarec.data.preprocess import preprocess
 from llamarec.data.registry import DATASETS, get_spec, locate
 from llamarec.fetch import cache_dir, sha256_of
 
-__all__ = ["DATASETS", "Dataset", "load_dataset", "processed_dir"]
+__all__ = ["DATASETS", "Dataset", "load_dataset", "load_run_dataset", "processed_dir"]
 
 # Bump when preprocessing changes what it produces, so old caches are not reused.
 PREPROCESS_VERSION = 2
@@ -44,3 +44,19 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, min_uc: int =
     ds.params["raw_dir"] = str(root)
     ds.save(cached)
     return ds
+
+
+def load_run_dataset(retriever_dir: str | Path) -> Dataset:
+    """The dataset a retriever run was trained on, as its config file names it."""
+    from llamarec.errors import LlamarecError
+    from llamarec.layout import RETRIEVER_CONFIG
+
+    path = Path(retriever_dir) / RETRIEVER_CONFIG
+    try:
+        train = json.loads(path.read_text(encoding="utf-8"))["train"]
+        return load_dataset(train["dataset"], train.get("data_dir"), min_uc=train.get("min_uc", 5),
+                            min_sc=train.get("min_sc", 5))
+    except FileNotFoundError:
+        raise LlamarecError(f"{retriever_dir}: not a retriever run ({RETRIEVER_CONFIG} missing)") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise LlamarecError(f"{path}: cannot tell the dataset ({' '.join(str(exc).split())[:200]})") from None

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from llamarec.configs import validate
+from llamarec.ranking.prompt import PromptConfig
 
 
 class RankConfig(BaseModel):
@@ -20,11 +23,22 @@ class RankConfig(BaseModel):
     device: str = "auto"
     load_in_4bit: bool = False
     prompt_file: Path | None = None
+    prompt: dict[str, Any] = Field(default_factory=dict,
+                                   description="prompt options over prompt_file's (e.g. max_history)")
     lora_r: int = Field(8, ge=1)
     lora_alpha: int = Field(32, ge=1)
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"],
+                                      description='module names, or ["all-linear"]')
+    loss: Literal["vocab", "letters"] = Field(
+        "vocab", description="cross-entropy over the whole vocabulary, or over the candidates' letters only")
     examples: Literal["hard", "paper"] = Field("hard", description="how training candidates are chosen")
+    train_order: Literal["shuffled", "retriever", "mix"] = Field(
+        "shuffled", description="candidate order of hard training examples (mix: half of each)")
+    residual_weight: float = Field(
+        0.0, ge=0.0, description="w > 0: train and rank with letter logits + w x calibrated retriever log-probs")
+    val_order: Literal["shuffled", "retriever"] = Field(
+        "shuffled", description="candidate order of the validation users (use the evaluation order)")
     max_examples: int = Field(1000, ge=1, description="training examples (one epoch over them)")
     epochs: int = Field(1, ge=1)
     batch_size: int = Field(4, ge=1)
@@ -37,3 +51,18 @@ class RankConfig(BaseModel):
     autocast_bf16: bool = Field(True, description="bf16 autocast for the forward pass on CPU")
     eval_batch_size: int = Field(8, ge=1)
     seed: int = 42
+
+    @model_validator(mode="after")
+    def _check_residual(self) -> RankConfig:
+        if self.residual_weight > 0 and self.loss != "letters":
+            raise ValueError("residual_weight needs loss: letters (the residual is a softmax over the letters)")
+        return self
+
+    def prompt_config(self) -> PromptConfig:
+        """The prompt options: ``prompt_file``'s, then those of ``prompt`` over them."""
+        base = PromptConfig.from_file(self.prompt_file) if self.prompt_file else PromptConfig()
+        return validate(PromptConfig, {**base.model_dump(), **self.prompt}, "ranker config prompt")
+
+    def lora_targets(self) -> list[str] | str:
+        """``target_modules`` as peft takes it (``["all-linear"]`` becomes peft's keyword)."""
+        return "all-linear" if self.target_modules == ["all-linear"] else self.target_modules

@@ -2,54 +2,39 @@
 
 For the users whose target is among the retriever's candidates (the valid subset) the ranker
 reorders the candidates; "overall" metrics combine the ranker's metrics on that subset with
-the retriever's on the other users, weighted by their sizes. Fusion adds the retriever's
-(log-softmax) score to the ranker's with a weight tuned on validation users; the grid includes
-the retriever alone, so on validation the fused ranking is never worse than the retriever's.
+the retriever's on the other users, weighted by their sizes. Scores come from
+:meth:`Ranker.rerank <llamarec.ranking.ranker.Ranker.rerank>`, the path serving uses, and the
+fusion weight is tuned on validation users only (a residually trained ranker keeps the weight
+it was trained with). Paired differences to the retriever come with 95 % bootstrap intervals.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Literal
 
 import pandas as pd
 import torch
 
+from llamarec.candidates import Candidates, load_candidates
+from llamarec.data import load_run_dataset
 from llamarec.errors import LlamarecError
 from llamarec.io import atomic_path, write_json
-from llamarec.metrics import metrics_from_ranks, overall_metrics, target_ranks
-from llamarec.ranking.config import RankConfig
+from llamarec.layout import EVAL_METRICS, EVAL_RANKS
+from llamarec.metrics import metrics_from_ranks, overall_metrics, paired_bootstrap, per_user_metric, target_ranks
 from llamarec.ranking.examples import RankExample, evaluation_examples
-from llamarec.ranking.finetune import ADAPTER_DIR, CONFIG_FILE
-from llamarec.ranking.llm import load_llm
-from llamarec.ranking.prompt import PromptConfig
-from llamarec.ranking.ranker import Ranker
-from llamarec.retrieval.candidates import Candidates, load_candidates
-from llamarec.retrieval.train import load_retriever
+from llamarec.ranking.ranker import Ranker, load_ranker, read_rank_config
+from llamarec.ranking.scoring import (
+    KS,
+    Order,
+    ScoringConfig,
+    estimate_letter_prior,
+    fit_temperature,
+    fuse,
+    tune_fusion,
+)
+from llamarec.ranking.verbalizer import seeded_orders
 
-KS = (1, 5, 10)
-FUSION_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, float("inf"))
-EvalOrder = Literal["retriever", "shuffled", "average"]
-
-
-def fuse(llm: torch.Tensor, retriever: torch.Tensor, weight: float) -> torch.Tensor:
-    """Ranker log-probabilities plus ``weight`` x retriever log-probabilities over the candidates.
-    ``inf`` means the retriever's order, with the ranker only breaking ties."""
-    llm_lp, ret_lp = llm.log_softmax(-1), retriever.log_softmax(-1)
-    if weight == float("inf"):
-        return ret_lp + 1e-6 * llm_lp
-    return llm_lp + weight * ret_lp
-
-
-def tune_fusion(llm: torch.Tensor, retriever: torch.Tensor, labels: torch.Tensor,
-                metric: str = "NDCG@10") -> tuple[float, dict[float, float]]:
-    """The weight of :data:`FUSION_WEIGHTS` with the best ``metric``; ties go to the larger
-    weight (closer to the retriever)."""
-    results = {w: metrics_from_ranks(target_ranks(fuse(llm, retriever, w), labels), KS)[metric]
-               for w in FUSION_WEIGHTS}
-    best = max(results.values())
-    return max(w for w, v in results.items() if v >= best - 1e-12), results
+COMPARED = ("NDCG@10", "Recall@10", "MRR@10")
 
 
 def _labels(examples: list[RankExample]) -> torch.Tensor:
@@ -76,62 +61,93 @@ def _views(cands: Candidates, ranks: dict[str, torch.Tensor]) -> dict[str, dict]
     return out
 
 
-def evaluate_ranker(rank_dir: Path, *, zero_shot: bool = False, order: EvalOrder = "retriever",
+def comparisons(cands: Candidates, ranks: dict[str, torch.Tensor], seed: int = 0) -> dict[str, dict]:
+    """Paired differences to the retriever with 95 % bootstrap intervals over users.
+
+    Outside the valid subset every method has the retriever's metrics, so there the difference
+    is exactly 0: the overall difference (and its interval) is the valid subset's scaled by the
+    share of valid users."""
+    share = float(cands.valid().mean())
+    out: dict[str, dict] = {}
+    for name in ("ranker", "fusion"):
+        per_view: dict[str, dict] = {"valid_subset": {}, "overall": {}}
+        for metric in COMPARED:
+            sub = paired_bootstrap(per_user_metric(ranks[name], metric), per_user_metric(ranks["retriever"], metric),
+                                   seed=seed)
+            per_view["valid_subset"][metric] = sub
+            per_view["overall"][metric] = {k: v * share for k, v in sub.items()}
+        out[f"{name}_vs_retriever"] = per_view
+    return out
+
+
+def letter_prior(ranker: Ranker, examples: list[RankExample], seed: int) -> list[float]:
+    """The ranker's letter prior, estimated on ``examples`` shown in a random order."""
+    n = len(examples[0].candidates)
+    shuffled = seeded_orders(n, 2, seed + 1)[1]
+    return estimate_letter_prior(ranker.shown_scores(examples, [shuffled])[0])
+
+
+def evaluate_ranker(rank_dir: Path, *, zero_shot: bool = False, order: Order = "retriever",
                     permutations: int = 3, limit: int | None = None, out: Path | None = None,
-                    seed: int = 0, dtype: str | None = None) -> dict:
+                    seed: int = 0, dtype: str | None = None, calibrate: bool = False) -> dict:
     """Score validation and test valid-subset users, tune fusion on validation, write
-    ``metrics.json`` and ``ranks.csv`` (one row per evaluated user and split) into ``out``.
+    ``metrics.json`` (with the :class:`ScoringConfig` to serve the ranker with) and
+    ``ranks.csv`` (one row per evaluated user and split) into ``out``.
 
     ``limit`` scores only the first ``limit`` valid users of each split (the same users for
-    every method), for quick runs on a CPU; ``dtype`` overrides the run's dtype (e.g. to
-    compare bfloat16 with float32 scoring).
+    every method), for quick runs; ``dtype`` overrides the run's dtype (e.g. to compare
+    bfloat16 with float32 scoring); ``calibrate`` subtracts the letter prior estimated on the
+    validation users.
     """
-    path = rank_dir / CONFIG_FILE
-    if not path.is_file():
-        raise LlamarecError(f"{rank_dir}: not a ranker run ({CONFIG_FILE} missing)")
-    cfg = RankConfig.model_validate(json.loads(path.read_text()))
-    _, _, ds = load_retriever(cfg.retriever)
-    model, tokenizer = load_llm(cfg.model, dtype=dtype or cfg.dtype, device=cfg.device,
-                                load_in_4bit=cfg.load_in_4bit, gguf_file=cfg.gguf_file)
-    if not zero_shot:
-        from peft import PeftModel
-
-        if not (rank_dir / ADAPTER_DIR).is_dir():
-            raise LlamarecError(f"{rank_dir}: no adapter saved yet; train first or pass --zero-shot")
-        model = PeftModel.from_pretrained(model, rank_dir / ADAPTER_DIR).eval()
-    prompt_cfg = PromptConfig.from_file(cfg.prompt_file) if cfg.prompt_file else PromptConfig()
-    ranker = Ranker(model, tokenizer, ds.titles, prompt_cfg, cfg.eval_batch_size)
-    example_order = "retriever" if order == "retriever" else "shuffled"
-    results: dict = {"ranker": str(rank_dir), "zero_shot": zero_shot, "order": order,
-                     "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-                     "permutations": permutations if order == "average" else 1}
-    scored = {}
+    cfg = read_rank_config(rank_dir)
+    ds = load_run_dataset(cfg.retriever)
+    ranker = load_ranker(rank_dir, ds.titles, zero_shot=zero_shot, dtype=dtype)
+    max_history = ranker.builder.config.max_history
+    examples = {}
     for split in ("val", "test"):
-        cands = load_candidates(cfg.retriever, split)
-        examples = evaluation_examples(ds, cands, split, order=example_order,
-                                       max_history=prompt_cfg.max_history, seed=seed, limit=limit)
-        if not examples:
+        examples[split] = evaluation_examples(ds, load_candidates(cfg.retriever, split), split,
+                                              max_history=max_history, limit=limit)
+        if not examples[split]:
             raise LlamarecError(f"{cfg.retriever}: no {split} user has the target among the candidates")
-        llm = ranker.score(examples, permutations if order == "average" else 1, seed)
-        scored[split] = (cands, examples, llm, _retriever_scores(examples), _labels(examples))
-    weight, grid = tune_fusion(*scored["val"][2:])
+    all_val = evaluation_examples(ds, load_candidates(cfg.retriever, "val"), "val", max_history=max_history)
+    scoring = ScoringConfig(
+        order=order, permutations=permutations if order == "average" else 1, seed=seed,
+        letter_prior=letter_prior(ranker, examples["val"], seed) if calibrate else None,
+        retriever_temperature=fit_temperature(_retriever_scores(all_val), _labels(all_val)))
+    llm = {split: ranker.rerank([ex.history for ex in exs], torch.tensor([ex.candidates for ex in exs]).numpy(),
+                                _retriever_scores(exs).numpy(), scoring)[0]
+           for split, exs in examples.items()}
+    val = examples["val"]
+    tuned, grid = tune_fusion(llm["val"], _retriever_scores(val), _labels(val), scoring.retriever_temperature)
+    residual = not zero_shot and cfg.residual_weight > 0
+    scoring.fusion_weight = cfg.residual_weight if residual else tuned
+    results: dict = {"ranker": str(rank_dir), "zero_shot": zero_shot, "order": order,
+                     "dtype": str(next(ranker.model.parameters()).dtype).removeprefix("torch."),
+                     "permutations": scoring.permutations, "calibrated": calibrate}
     rows = []
-    for split, (cands, examples, llm, ret, labels) in scored.items():
-        ranks = {"retriever": target_ranks(ret, labels), "ranker": target_ranks(llm, labels),
-                 "fusion": target_ranks(fuse(llm, ret, weight), labels)}
+    for split, exs in examples.items():
+        cands = load_candidates(cfg.retriever, split)
+        ret, labels = _retriever_scores(exs), _labels(exs)
+        ranks = {"retriever": target_ranks(ret, labels), "ranker": target_ranks(llm[split], labels),
+                 "fusion": target_ranks(fuse(llm[split], ret, scoring.fusion_weight,
+                                             scoring.retriever_temperature), labels)}
         results[split] = {"users": len(cands.ranks), "valid_subset_users": int(cands.valid().sum()),
-                          "evaluated_users": len(examples),
-                          **_views(cands, ranks)}
-        full_ranks = cands.ranks[[ex.user for ex in examples]]
+                          "evaluated_users": len(exs), **_views(cands, ranks),
+                          "comparisons": comparisons(cands, ranks, seed)}
+        full_ranks = cands.ranks[[ex.user for ex in exs]]
         rows += [{"split": split, "user": ex.user, "user_raw_id": ds.user_raw_ids[ex.user],
                   "target_item": ex.candidates[ex.target], "retriever_full_rank": int(full_ranks[i]),
                   **{f"{name}_rank": int(r[i]) for name, r in ranks.items()}}
-                 for i, ex in enumerate(examples)]
-    results["fusion"] = {"weight": weight, "val_NDCG@10_by_weight": {str(k): v for k, v in grid.items()}}
+                 for i, ex in enumerate(exs)]
+    results["fusion"] = {"weight": scoring.fusion_weight,
+                         "chosen_by": "residual training" if residual else "validation NDCG@10",
+                         "val_NDCG@10_by_weight": {str(k): v for k, v in grid.items()}}
+    results["scoring"] = scoring.model_dump()
     out = out or rank_dir / (f"eval-{'zero-shot' if zero_shot else 'finetuned'}-{order}"
-                             + (f"-{dtype}" if dtype else "") + (f"-limit{limit}" if limit else ""))
+                             + ("-calibrated" if calibrate else "") + (f"-{dtype}" if dtype else "")
+                             + (f"-limit{limit}" if limit else ""))
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "metrics.json", results)
-    with atomic_path(out / "ranks.csv") as tmp:
+    write_json(out / EVAL_METRICS, results)
+    with atomic_path(out / EVAL_RANKS) as tmp:
         pd.DataFrame(rows).to_csv(tmp, index=False)
     return results

