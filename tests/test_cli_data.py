@@ -31,7 +31,11 @@ u3,c,2
 ITEMS = "item_id,title\na,Alpha\nb,Beta &amp; Co\nc,Gamma\nd,Delta\n"
 # 3 users, 4 items, 10 interactions: lengths 4, 3, 3
 EXPECTED = {"dataset": "custom", "users": 3, "items": 4, "interactions": 10, "mean_seq_len": 3.33,
-            "median_seq_len": 3.0, "density": 0.833333}
+            "median_seq_len": 3.0, "density": 0.833333,
+            # what each filter dropped (u3 has too few interactions for the k-core)
+            "raw_users": 4, "raw_interactions": 12, "dropped_untitled_items": 0,
+            "dropped_interactions_untitled_item": 0, "dropped_interactions_unknown_item": 0,
+            "dropped_kcore_users": 1, "dropped_kcore_items": 0, "dropped_kcore_interactions": 2}
 
 
 @pytest.fixture

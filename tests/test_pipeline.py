@@ -161,3 +161,78 @@ def test_a_run_with_fewer_candidates_recommends_among_those(
         rec.recommend(HISTORY, k=11)
     # The retriever alone is not limited by the ranker's candidates.
     assert len(Recommender.load(run, with_ranker=False).recommend(HISTORY, k=20).items) == 20
+
+
+def test_a_copied_run_loads_without_the_dataset(copy_tiny_run, tiny_pipeline_run: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run moved elsewhere, with no dataset, no processed data and an empty cache, serves the
+    same recommendations offline: it carries its catalogue and reads no path stored inside it."""
+    import shutil
+
+    import llamarec.data
+
+    expected = Recommender.load(tiny_pipeline_run).recommend_batch([HISTORY, ["Item 7"]], k=10)
+    moved = Path(shutil.move(copy_tiny_run(), tmp_path / "elsewhere" / "run"))
+    empty_cache = tmp_path / "empty-cache"
+    monkeypatch.setenv("LLAMAREC_CACHE", str(empty_cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def no_dataset(*args, **kwargs):
+        raise AssertionError("the dataset was read")
+
+    monkeypatch.setattr(llamarec.data, "load_dataset", no_dataset)
+    monkeypatch.setattr(llamarec.data, "processed_dir", no_dataset)
+    got = Recommender.load(moved).recommend_batch([HISTORY, ["Item 7"]], k=10)
+    assert [ids(r) for r in got] == [ids(r) for r in expected]
+    assert [[x.score for x in r.items] for r in got] == [[x.score for x in r.items] for r in expected]
+    assert not empty_cache.exists() or not any(empty_cache.rglob("*.parquet"))
+
+
+def test_one_bad_history_fails_alone(rec: Recommender) -> None:
+    good, unknown, text, empty = rec.recommend_batch([HISTORY, ["no such item"], "356", []], k=5)
+    assert good.error is None and len(good.items) == 5 and good.history == ["3", "4", "5"]
+    assert "'no such item' is neither an item id nor a title" in unknown.error and unknown.items == []
+    assert "not one string" in text.error and "at least one item" in empty.error
+    assert ids(good) == ids(rec.recommend(HISTORY, k=5))
+
+
+@pytest.mark.parametrize(("history", "message"), [
+    ("356", "not one string"),
+    ({"3", "4"}, "not set"),
+    ([3.5], "expected an item id or a title, not float"),
+    ([None], "not NoneType"),
+])
+def test_histories_of_the_wrong_type_are_refused(rec: Recommender, history, message: str) -> None:
+    with pytest.raises(LlamarecError, match=message):
+        rec.recommend(history)
+
+
+def test_a_numpy_history_of_ids_is_fine(rec: Recommender) -> None:
+    assert ids(rec.recommend(np.array([3, 4, 5]), k=5)) == ids(rec.recommend(["3", "4", "5"], k=5))
+
+
+@pytest.mark.parametrize("k", [True, 2.0, "3", None])
+def test_k_must_be_a_whole_number(rec: Recommender, k) -> None:
+    with pytest.raises(LlamarecError, match="must be a whole number"):
+        rec.recommend(HISTORY, k=k)
+
+
+def test_load_honours_device_and_dtype(tiny_pipeline_run: Path, caplog: pytest.LogCaptureFixture) -> None:
+    rec = Recommender.load(tiny_pipeline_run, device="cpu", dtype="bfloat16")
+    assert next(rec.ranker.model.parameters()).dtype == torch.bfloat16
+    # LRURec's complex recurrence has no bfloat16 kernels: it stays in float32, and says so
+    assert next(rec.retriever.parameters()).dtype == torch.float32
+    assert "cannot run in bfloat16" in caplog.text
+    assert len(rec.recommend(HISTORY, k=5).items) == 5
+
+
+def test_damaged_weights_are_an_error_not_nan_scores(copy_tiny_run) -> None:
+    from safetensors.torch import load_file, save_file
+
+    run = copy_tiny_run()
+    path = run / "retriever" / "model.safetensors"
+    tensors = load_file(path)
+    save_file({k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in tensors.items()},
+              path)
+    with pytest.raises(LlamarecError, match="NaN or infinite scores"):
+        Recommender.load(run).recommend(HISTORY)

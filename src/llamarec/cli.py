@@ -228,8 +228,8 @@ def run(
     dataset: Annotated[str | None, typer.Option("--dataset", "-d", help="Dataset (default: the preset's).")] = None,
     data_dir: DataDirOpt = None,
     config: Annotated[Path | None, typer.Option(help="Config file (a copy of a preset).")] = None,
-    preset: Annotated[str | None, typer.Option(help="Built-in preset: default, paper-ml, paper-beauty, "
-                                                     "paper-games.")] = None,
+    preset: Annotated[str | None, typer.Option(help="Built-in preset: default, cpu-quality, paper-ml, "
+                                                     "paper-beauty, paper-games.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")] = Path("runs/default"),
     force: Annotated[list[str] | None, typer.Option(help="Redo this stage (and those after it); repeatable: "
                                                          "data, retriever, candidates, ranker, evaluate, "
@@ -288,6 +288,60 @@ def recommend(
         table.add_row(str(i), r.item_id, r.title, f"{r.score:.3f}", f"{r.retriever_score:.3f}",
                       "" if r.ranker_score is None else f"{r.ranker_score:.3f}")
     console.print(table)
+
+
+@app.command("serve")
+def serve(
+    run: Annotated[Path, typer.Option("--run", help="Run directory (or a retriever run).")],
+    host: Annotated[str, typer.Option(help="Address to bind; loopback unless you mean otherwise.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    api_key: Annotated[str | None, typer.Option(envvar="LLAMAREC_API_KEY", help="Require 'Authorization: "
+                                                "Bearer KEY' (or set LLAMAREC_API_KEY).")] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="Most histories ranked in one forward (1: no batching).")] = 8,
+    max_wait_ms: Annotated[float, typer.Option(min=0, help="Longest wait for a batch to fill.")] = 5.0,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Serve a run over HTTP (needs the serve extra: pip install -e ".[serve]"); the demo page is at /."""
+    try:
+        import uvicorn
+
+        from llamarec.serve import create_app
+    except ImportError as exc:
+        raise LlamarecError(f"llamarec serve needs the serve extra (pip install -e \".[serve]\"): {exc}") from None
+    import logging
+
+    from llamarec.devices import resolve_device
+    from llamarec.pipeline import Recommender
+
+    access = logging.getLogger("llamarec.serve.access")
+    access.addHandler(logging.StreamHandler(sys.stdout))
+    access.setLevel(logging.INFO)
+    access.propagate = False
+    rec = Recommender.load(run, device=str(resolve_device(device)))
+    uvicorn.run(create_app(rec, api_key=api_key, max_batch=max_batch, max_wait_ms=max_wait_ms),
+                host=host, port=port, access_log=False, log_level="info")
+
+
+@app.command("score")
+def score(
+    run: Annotated[Path, typer.Option("--run", help="Run directory.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output: part-*.parquet, manifest.json, errors.jsonl.")],
+    histories: Annotated[Path | None, typer.Option(help="Parquet or JSONL file with columns user_id and history "
+                                                        "(default: every user of the run's dataset).")] = None,
+    k: Annotated[int, typer.Option("-k", help="Recommendations per user.")] = 10,
+    engine: Annotated[str, typer.Option(help="local, or ray (pip install -e \".[ray]\").")] = "local",
+    workers: Annotated[int, typer.Option(help="Ray actors, one model each.")] = 1,
+    batch_size: Annotated[int | None, typer.Option(help="Histories per ranker forward pass (the run's).")] = None,
+    shards: Annotated[int | None, typer.Option(help="Output shards (one per 5,000 users).")] = None,
+    device: DeviceOpt = "auto",
+    address: Annotated[str | None, typer.Option(help="Ray cluster to join: auto or HOST:PORT (or RAY_ADDRESS).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Start over when OUT holds another job.")] = False,
+) -> None:
+    """Recommendations for many users as parquet shards; a rerun resumes an interrupted job."""
+    from llamarec.score import score, summary
+
+    print(summary(score(run, histories, out, k=k, engine=engine, workers=workers, batch_size=batch_size,
+                        shards=shards, device=device, address=address, force=force), out))
 
 
 def main() -> None:

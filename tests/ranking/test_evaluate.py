@@ -8,14 +8,14 @@ import pandas as pd
 import pytest
 import torch
 
+from llamarec.candidates import load_candidates
 from llamarec.errors import LlamarecError
 from llamarec.metrics import metrics_from_ranks, target_ranks
 from llamarec.ranking.evaluate import evaluate_ranker
-from llamarec.ranking.scoring import FUSION_WEIGHTS, KS, fuse, tune_fusion
 from llamarec.ranking.examples import evaluation_examples
 from llamarec.ranking.llm import load_llm
 from llamarec.ranking.ranker import Ranker
-from llamarec.candidates import load_candidates
+from llamarec.ranking.scoring import FUSION_WEIGHTS, KS, fuse, tune_fusion
 from llamarec.retrieval.train import load_retriever
 
 INF = float("inf")
@@ -188,3 +188,49 @@ def test_average_order_uses_permutations(tiny_rank_run, tmp_path):
 def test_not_a_ranker_run(tmp_path):
     with pytest.raises(LlamarecError, match="not a ranker run"):
         evaluate_ranker(tmp_path)
+
+
+def test_comparisons_give_paired_differences_with_intervals(finetuned_eval, tiny_retriever_run):
+    from llamarec.metrics import per_user_metric
+
+    results, out = finetuned_eval
+    rows = pd.read_csv(out / "ranks.csv")
+    for split in ("val", "test"):
+        comp = results[split]["comparisons"]
+        assert set(comp) == {"ranker_vs_retriever", "fusion_vs_retriever"}
+        share = load_candidates(tiny_retriever_run, split).valid().mean()
+        part = rows[rows["split"] == split]
+        for name, method in (("ranker_vs_retriever", "ranker"), ("fusion_vs_retriever", "fusion")):
+            for metric in ("NDCG@10", "Recall@10", "MRR@10"):
+                sub, overall = comp[name]["valid_subset"][metric], comp[name]["overall"][metric]
+                diff = (per_user_metric(torch.tensor(part[f"{method}_rank"].to_numpy()), metric)
+                        - per_user_metric(torch.tensor(part["retriever_rank"].to_numpy()), metric)).mean()
+                assert sub["diff"] == pytest.approx(diff.item())
+                assert sub["ci_low"] <= sub["diff"] <= sub["ci_high"]
+                assert overall["diff"] == pytest.approx(sub["diff"] * share)
+                # the overall view's difference is the overall metrics' difference
+                views = results[split]["overall"]
+                assert overall["diff"] == pytest.approx(views[method][metric] - views["retriever"][metric])
+
+
+def test_evaluation_scores_are_the_served_scores(tiny_pipeline_run):
+    """Evaluation and the Recommender rerank the same users to the same scores and ranks."""
+    from llamarec.data import load_run_dataset
+    from llamarec.data.split import history_and_target
+    from llamarec.pipeline import Recommender
+
+    rec = Recommender.load(tiny_pipeline_run)
+    rows = pd.read_csv(tiny_pipeline_run / "ranker" / "eval" / "ranks.csv")
+    retriever_dir = tiny_pipeline_run / "retriever"
+    ds = load_run_dataset(retriever_dir)
+    for split in ("val", "test"):
+        part = rows[rows["split"] == split]
+        examples = evaluation_examples(ds, load_candidates(retriever_dir, split), split)[:len(part)]
+        assert part["user"].tolist() == [ex.user for ex in examples]
+        histories = [history_and_target(ds.sequences[ex.user], split)[0] for ex in examples]
+        items, scores = rec.retrieve(histories)
+        assert items.tolist() == [list(ex.candidates) for ex in examples]
+        llm, final = rec.rerank(histories, items, scores)
+        labels = torch.tensor([ex.target for ex in examples])
+        assert target_ranks(llm, labels).tolist() == part["ranker_rank"].tolist()
+        assert target_ranks(final, labels).tolist() == part["fusion_rank"].tolist()

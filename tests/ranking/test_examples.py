@@ -6,6 +6,7 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
+from llamarec.candidates import Candidates, load_candidates, load_train_candidates
 from llamarec.data.dataset import Dataset
 from llamarec.data.split import history_and_target
 from llamarec.errors import LlamarecError
@@ -15,7 +16,6 @@ from llamarec.ranking.examples import (
     paper_examples,
     training_prefixes,
 )
-from llamarec.candidates import Candidates, load_candidates, load_train_candidates
 
 
 def make_dataset(sequences: list[list[int]], n_items: int) -> Dataset:
@@ -172,3 +172,30 @@ def test_evaluation_examples_on_the_tiny_run(tiny_retriever_run, tiny_dataset, s
         assert list(ex.candidates) == cands.items[ex.user].tolist()
         assert ex.candidates[ex.target] == target and ex.target == cands.ranks[ex.user]
         assert list(ex.retriever_scores) == sorted(ex.retriever_scores, reverse=True)
+
+
+def test_hard_negatives_in_retriever_order_keep_only_hits_with_their_scores():
+    ds = make_dataset([list(range(1, 30)), list(range(30, 60))], n_items=60)
+    items = np.arange(31, 51).reshape(1, 20).repeat(3, 0)
+    scores = np.linspace(5.0, 1.0, 20, dtype=np.float32).reshape(1, 20).repeat(3, 0)
+    train = {"users": np.array([0, 1, 1]), "positions": np.array([5, 3, 6]), "items": items,
+             "scores": scores, "targets": np.array([6, 33, 36])}
+    examples = hard_negative_examples(ds, train, max_history=4, seed=0, order="retriever")
+    assert sorted(ex.candidates[ex.target] for ex in examples) == [33, 36]  # row 0 (target 6) missed
+    for ex in examples:
+        assert list(ex.candidates) == list(range(31, 51))  # the retriever's order
+        assert list(ex.retriever_scores) == pytest.approx(scores[0].tolist())
+    shuffled = hard_negative_examples(ds, train, max_history=4, seed=0, order="shuffled")
+    for ex in shuffled:  # scores travel with their items; an inserted target takes the last score
+        expected = dict(zip(range(31, 51), scores[0].tolist()))
+        expected[ex.candidates[ex.target]] = expected.pop(50) if ex.candidates[ex.target] == 6 else \
+            expected[ex.candidates[ex.target]]
+        assert dict(zip(ex.candidates, ex.retriever_scores)) == pytest.approx(expected)
+
+
+def test_mixed_order_holds_both_kinds(tiny_retriever_run, tiny_dataset):
+    train = load_train_candidates(tiny_retriever_run)
+    mixed = hard_negative_examples(tiny_dataset, train, seed=1, order="mix")
+    in_order = [list(ex.retriever_scores) == sorted(ex.retriever_scores, reverse=True) for ex in mixed]
+    assert any(in_order) and not all(in_order)
+    assert len(mixed) < len(train["users"])  # retriever-order draws skip the misses

@@ -10,6 +10,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoTokenizer
 
+from llamarec.candidates import load_candidates
 from llamarec.checkpoint import load_tensors
 from llamarec.errors import LlamarecError
 from llamarec.ranking.examples import evaluation_examples
@@ -17,7 +18,6 @@ from llamarec.ranking.finetune import Finetuner, finetune_ranker, ranking_metric
 from llamarec.ranking.llm import load_llm
 from llamarec.ranking.prompt import LETTERS
 from llamarec.ranking.ranker import Ranker
-from llamarec.candidates import load_candidates
 from llamarec.retrieval.train import load_retriever
 
 
@@ -182,3 +182,71 @@ def test_paper_examples_mode(tiny_rank_config, tmp_path):
 def test_unknown_target_modules_are_a_clear_error(tiny_rank_config, tmp_path):
     with pytest.raises(LlamarecError, match="target_modules"):
         Finetuner(tiny_rank_config(target_modules=["no_such_proj"]), tmp_path, progress=False)
+
+
+# --------------------------------------------------------------------------- recipes
+
+def letter_logits(ft, examples):
+    out = []
+    for ex in examples:
+        ids = ft.tokenizer(ft.ranker.prompt(ex.history, ex.candidates))["input_ids"]
+        with torch.no_grad():
+            out.append(ft.model(input_ids=torch.tensor([ids])).logits[0, -1, ft.ranker.letter_ids].float())
+    return torch.stack(out)
+
+
+def test_letter_loss_is_a_softmax_over_the_candidates_letters(tiny_rank_config, tmp_path):
+    ft = Finetuner(tiny_rank_config(loss="letters"), tmp_path / "rank", progress=False)
+    ft.model.eval()
+    batch = ft.train[:3]
+    expected = torch.nn.functional.cross_entropy(letter_logits(ft, batch), torch.tensor([ex.target for ex in batch]))
+    assert ft._batch_loss(batch).item() == pytest.approx(expected.item(), abs=1e-5)
+    vocab = Finetuner(tiny_rank_config(loss="vocab"), tmp_path / "rank-vocab", progress=False)
+    vocab.model.eval()
+    assert vocab._batch_loss(batch).item() > expected.item()  # the letters' share of the vocabulary is < 1
+
+
+def test_residual_training_and_ranking_use_the_same_weight(tiny_rank_config, tmp_path):
+    """The loss is the softmax of letter logits + w x retriever log-probs (training prefixes'
+    temperature); validation, evaluation and the served run fuse with the same w (held-out
+    temperature)."""
+    from llamarec.ranking.evaluate import evaluate_ranker
+    from llamarec.ranking.finetune import retriever_log_probs
+    from llamarec.ranking.scoring import fuse
+
+    w = 2.5
+    cfg = tiny_rank_config(loss="letters", residual_weight=w, train_order="retriever", val_order="retriever")
+    ft = Finetuner(cfg, tmp_path / "rank", progress=False)
+    assert set(ft.temperatures) == {"train", "val"} and all(t > 0 for t in ft.temperatures.values())
+    ft.model.eval()
+    batch = ft.train[:3]
+    logits = letter_logits(ft, batch) + w * retriever_log_probs(batch, ft.temperatures["train"])
+    expected = torch.nn.functional.cross_entropy(logits, torch.tensor([ex.target for ex in batch]))
+    assert ft._batch_loss(batch).item() == pytest.approx(expected.item(), abs=1e-5)
+    for changed in (1.0, 0.0):  # another weight changes the loss
+        ft.cfg = cfg.model_copy(update={"residual_weight": changed})
+        assert ft._batch_loss(batch).item() != pytest.approx(expected.item(), abs=1e-4)
+    ft.cfg = cfg
+
+    metrics = ft.run()
+    assert metrics["residual_weight"] == w and metrics["retriever_temperatures"] == ft.temperatures
+    results = evaluate_ranker(tmp_path / "rank", out=tmp_path / "eval")
+    assert results["fusion"]["weight"] == w and results["fusion"]["chosen_by"] == "residual training"
+    assert results["scoring"]["fusion_weight"] == w
+    assert results["scoring"]["retriever_temperature"] == pytest.approx(ft.temperatures["val"])
+    # validation scored exactly as evaluation ranks
+    scores = ft.ranker.score(ft.val, "retriever")
+    fused = fuse(scores, torch.tensor([ex.retriever_scores for ex in ft.val]), w, ft.temperatures["val"])
+    assert ranking_metrics(fused, ft.val) == pytest.approx({k: v for k, v in ft._validate().items()})
+
+
+def test_residual_weight_needs_the_letter_loss(tiny_rank_config):
+    with pytest.raises(ValueError, match="residual_weight needs loss: letters"):
+        tiny_rank_config(residual_weight=1.0, loss="vocab")
+
+
+def test_all_linear_lora_targets_every_linear_layer(tiny_rank_config, tmp_path):
+    ft = Finetuner(tiny_rank_config(target_modules=["all-linear"], lora_r=16), tmp_path / "rank", progress=False)
+    wrapped = {n.split(".lora_A")[0].split(".")[-1] for n, _ in ft.model.named_parameters() if "lora_A" in n}
+    assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= wrapped
+    assert "lm_head" not in wrapped

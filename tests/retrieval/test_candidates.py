@@ -8,10 +8,10 @@ import struct
 import numpy as np
 import pytest
 
+from llamarec.candidates import Candidates, load_candidates, load_train_candidates
 from llamarec.data.split import eval_examples, history_and_target
 from llamarec.errors import LlamarecError
 from llamarec.metrics import metrics_from_ranks
-from llamarec.candidates import Candidates, load_candidates, load_train_candidates
 from llamarec.retrieval.candidates import generate_candidates
 from llamarec.retrieval.evaluate import evaluate_ranks
 from llamarec.retrieval.train import load_retriever, train_retriever

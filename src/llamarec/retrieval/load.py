@@ -6,6 +6,7 @@ Nothing here reads the dataset, so a run directory that was copied elsewhere loa
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -16,6 +17,8 @@ from llamarec.errors import LlamarecError
 from llamarec.layout import RETRIEVER_CONFIG, RETRIEVER_MODEL
 from llamarec.retrieval.config import RetrievalConfig
 from llamarec.retrieval.models import RetrieverConfig, SequentialRecommender, build_model
+
+logger = logging.getLogger(__name__)
 
 
 def read_retrieval_config(run_dir: Path) -> tuple[RetrievalConfig, RetrieverConfig]:
@@ -41,7 +44,21 @@ def load_retriever_model(run_dir: Path, device: str = "cpu",
     except RuntimeError as exc:
         raise LlamarecError(f"{run_dir / RETRIEVER_MODEL}: weights do not fit the model in "
                             f"{RETRIEVER_CONFIG} ({str(exc).splitlines()[0]})") from None
-    model = model.to(resolve_device(device))
-    if dtype is not None:
-        model = model.to(dtype)
-    return model.eval(), cfg
+    model = model.to(resolve_device(device)).eval()
+    if dtype is not None and dtype != torch.float32:
+        model = _cast(model, dtype, cfg.model)
+    return model, cfg
+
+
+def _cast(model: SequentialRecommender, dtype: torch.dtype, name: str) -> SequentialRecommender:
+    """``model`` in ``dtype`` if it can score in it; otherwise (LRURec's complex recurrence has
+    no bfloat16/float16 kernels) it stays in float32, and the log says so."""
+    probe = torch.ones(1, 2, dtype=torch.long, device=next(model.parameters()).device)
+    try:
+        with torch.inference_mode():
+            model.to(dtype).score_last(probe)
+        return model
+    except RuntimeError:
+        logger.warning("the %s retriever cannot run in %s here; it stays in float32", name,
+                       str(dtype).removeprefix("torch."))
+        return model.float()
