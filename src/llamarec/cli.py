@@ -334,7 +334,7 @@ def score(
     batch_size: Annotated[int | None, typer.Option(help="Histories per ranker forward pass (the run's).")] = None,
     shards: Annotated[int | None, typer.Option(help="Output shards (one per 5,000 users).")] = None,
     device: DeviceOpt = "auto",
-    address: Annotated[str | None, typer.Option(help="Ray cluster to join: auto or HOST:PORT (or RAY_ADDRESS).")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster to join: auto or HOST:PORT.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Start over when OUT holds another job.")] = False,
 ) -> None:
     """Recommendations for many users as parquet shards; a rerun resumes an interrupted job."""
