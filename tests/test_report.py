@@ -56,7 +56,10 @@ def test_the_report_has_both_tables_with_the_metrics(run: Path) -> None:
     assert f"## Test, overall ({test['users']} users)" in text
     assert (f"({test['valid_subset_users']} users whose true item is among the candidates; "
             f"measured on {test['evaluated_users']} of them)") in text
-    assert f"fusion weight tuned on validation: {metrics['ranker']['fusion']['weight']}" in text
+    assert f"fusion weight {metrics['ranker']['fusion']['weight']} (validation NDCG@10)" in text
+    part = section(text, "## Test, difference to the retriever")
+    c = test["comparisons"]["fusion_vs_retriever"]["overall"]["NDCG@10"]
+    assert f"| fusion - retriever | overall | {c['diff']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] |" in part
 
 
 def test_the_report_links_plots_that_exist(run: Path) -> None:

@@ -89,6 +89,20 @@ def _plots(run_dir: Path, metrics: dict) -> list[str]:
     return names
 
 
+def _comparisons(test: dict) -> list[str]:
+    """The paired differences to the retriever with their 95 % bootstrap intervals."""
+    if "comparisons" not in test:  # evaluated before evaluation reported them
+        return []
+    lines = ["## Test, difference to the retriever (95 % bootstrap interval over users)", "",
+             "| | view | NDCG@10 | Recall@10 | MRR@10 |", "|---|---|---|---|---|"]
+    for name, label in (("ranker_vs_retriever", "ranker - retriever"), ("fusion_vs_retriever", "fusion - retriever")):
+        for view in ("valid_subset", "overall"):
+            cells = [f"{c['diff']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]"
+                     for c in (test["comparisons"][name][view][m] for m in ("NDCG@10", "Recall@10", "MRR@10"))]
+            lines.append(f"| {label} | {view.replace('_', ' ')} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def write_report(run_dir: Path) -> Path:
     """(Re)generate ``report.md`` and ``plots/`` from the run's saved metrics."""
     path = run_dir / PIPELINE_METRICS
@@ -111,7 +125,8 @@ def write_report(run_dir: Path) -> Path:
         f"Ranker: LoRA fine-tuning, {rt['steps']} steps on {rt['examples']} examples "
         f"({rt['train_seconds']:.0f} s), best validation NDCG@10 {rt['best_val_NDCG@10']:.4f} at step "
         f"{rt['best_step']} (zero-shot {rt['history'][0]['NDCG@10']:.4f}). Candidate order at test time: "
-        f"{ranker['order']}; fusion weight tuned on validation: {ranker['fusion']['weight']}.",
+        f"{ranker['order']}; fusion weight {ranker['fusion']['weight']} "
+        f"({ranker['fusion'].get('chosen_by', 'validation NDCG@10')}).",
         "",
         f"## Test, overall ({test['users']} users)",
         "",
@@ -126,6 +141,7 @@ def write_report(run_dir: Path) -> Path:
         "",
         _table(test["valid_subset"]),
         "",
+        *_comparisons(test),
         "## Plots",
         "",
         *[f"![{name}](plots/{name})" for name in plots],
