@@ -21,13 +21,13 @@ CHROMEDRIVER = Path("/usr/bin/chromedriver")
 API_KEY = "demo-key"
 
 
-def skip(reason: str) -> None:
-    print(f"\nskipped: {reason}")
-    pytest.skip(reason)
-
-
 @pytest.fixture
-def browser(tmp_path: Path):
+def browser(tmp_path: Path, capsys: pytest.CaptureFixture):
+    def skip(reason: str) -> None:
+        with capsys.disabled():  # shown even under -q, without -rs
+            print(f"\ntest_demo_page skipped: {reason}")
+        pytest.skip(reason)
+
     missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.is_file()]
     if missing:
         skip(f"{' and '.join(missing)} not installed (apt-get install chromium chromium-driver)")
