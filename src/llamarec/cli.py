@@ -301,7 +301,8 @@ def serve(
     max_wait_ms: Annotated[float, typer.Option(min=0, help="Longest wait for a batch to fill.")] = 5.0,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Serve a run over HTTP (needs the serve extra: pip install -e ".[serve]"); the demo page is at /."""
+    """Serve a run over HTTP: JSON API with micro-batching, docs at /docs, demo page at /
+    (needs the optional serve extra)."""
     try:
         import uvicorn
 
