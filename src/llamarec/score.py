@@ -255,7 +255,8 @@ def assemble(frames: list[pd.DataFrame]) -> tuple[pa.Table, list[dict]]:
     bad = frame["error"].notna()
     errors = [{"user_id": u, "error": e} for u, e in zip(frame.loc[bad, "user_id"], frame.loc[bad, "error"])]
     good = frame.loc[~bad, COLUMNS].reset_index(drop=True)
-    return pa.Table.from_pandas(good, schema=SCHEMA, preserve_index=False), errors
+    # without pandas metadata: the same table whatever dtypes the frames had on the way (ray: arrow strings)
+    return pa.Table.from_pandas(good, schema=SCHEMA, preserve_index=False).replace_schema_metadata(None), errors
 
 
 def load_recommender(run_dir: Path, device: str, batch_size: int):

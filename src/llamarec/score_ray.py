@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,14 @@ class BatchScorer:
             frame.insert(0, "shard", int(shard))
             frames.append(frame)
         return pd.concat(frames, ignore_index=True)
+
+
+def _last_line(exc: Exception) -> str:
+    """The error a worker raised, in one line: the last line of Ray's report (its traceback's)."""
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines() if line.strip()]
+    last = lines[-1] if lines else type(exc).__name__
+    prefix = "llamarec.errors.LlamarecError: "
+    return last[len(prefix):] if last.startswith(prefix) else f"a ray worker failed: {last}"[:300]
 
 
 def connect(workers: int, address: str | None) -> bool:
@@ -93,11 +102,10 @@ def run_ray(run_dir: Path, todo: list[Shard], sink, *, k: int, batch_size: int, 
                 seen[index].update(part["pos"].tolist())
                 if len(seen[index]) == len(by_index[index].user_ids):
                     sink.put(by_index[index], *assemble(pending.pop(index)))
-    except ray.exceptions.RayTaskError as exc:
-        cause = exc.as_instanceof_cause()
-        if isinstance(cause, LlamarecError):
-            raise LlamarecError(str(cause).splitlines()[-1]) from None
-        raise
+    except ray.exceptions.RayError as exc:
+        if os.environ.get("LLAMAREC_DEBUG"):
+            raise
+        raise LlamarecError(_last_line(exc)) from None
     finally:
         if started:
             ray.shutdown()
