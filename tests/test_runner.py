@@ -335,3 +335,21 @@ def test_the_preset_list_is_complete() -> None:
 def test_an_unknown_preset_lists_the_presets() -> None:
     with pytest.raises(LlamarecError, match="unknown preset 'nope'; presets: " + ", ".join(sorted(PRESETS))):
         preset_path("nope")
+
+
+def test_an_interrupted_stage_whose_config_changed_starts_afresh(
+        copy_tiny_run, tiny_config, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupted ranker is resumed only with the config it started with: with another
+    config it is cleared and trained anew (its trainer would refuse the old checkpoint)."""
+    run = copy_tiny_run()
+    with monkeypatch.context() as mp:
+        fail_on_call(mp, Finetuner, "_validate", at_call=3)
+        with pytest.raises(RuntimeError, match="interrupted"):
+            Runner(tiny_config(), run, force={"ranker"}, progress=False).run()
+    started_key = Runner(tiny_config(), run).keys()["ranker"]
+    assert json.loads((run / "stage-started.json").read_text()) == {"ranker": started_key}
+    changed = tiny_config(ranker={"max_examples": 4})
+    Runner(changed, run, progress=False).run()  # no "different config" error
+    assert json.loads((run / "ranker" / "rank_config.json").read_text())["max_examples"] == 4
+    assert stages_of(run) == Runner(changed, run).keys()
+    assert not (run / "stage-started.json").exists()

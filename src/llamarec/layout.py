@@ -13,6 +13,7 @@ RANKER_DIR = "ranker"
 PIPELINE_METRICS = "metrics.json"  # data, retriever, ranker training and evaluation results
 PIPELINE_CONFIG = "config.yaml"
 STAGES_FILE = "stages.json"
+STARTED_FILE = "stage-started.json"  # the stage in progress and its key (gone when it finishes)
 DATA_STATS = "data.json"
 EVAL_DIR = "eval"  # inside RANKER_DIR
 REPORT_FILE = "report.md"

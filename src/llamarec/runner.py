@@ -34,6 +34,7 @@ from llamarec.layout import (
     RETRIEVER_DIR,
     RETRIEVER_METRICS,
     STAGES_FILE,
+    STARTED_FILE,
 )
 from llamarec.ranking.config import RankConfig
 from llamarec.retrieval.config import RetrievalConfig
@@ -127,13 +128,18 @@ class Runner:
         write_text(self.out / PIPELINE_CONFIG, yaml.safe_dump(json.loads(self.cfg.model_dump_json()), sort_keys=False))
         state_path = self.out / STAGES_FILE
         done: dict[str, str] = json.loads(state_path.read_text()) if state_path.is_file() else {}
+        started_path = self.out / STARTED_FILE
+        # The stage an earlier run was interrupted in, and its key then: resumed if unchanged,
+        # started afresh if its config changed since.
+        started: dict[str, str] = json.loads(started_path.read_text()) if started_path.is_file() else {}
         keys, redo = self.keys(), False
         steps: dict[str, Callable[[], str]] = {
             "data": self._data, "retriever": self._retriever, "candidates": self._candidates,
             "ranker": self._ranker, "evaluate": self._evaluate, "report": self._report,
         }
         for stage in STAGES:
-            redo = redo or stage in self.force or (stage in done and done[stage] != keys[stage])
+            changed = (stage in done and done[stage] != keys[stage]) or started.get(stage, keys[stage]) != keys[stage]
+            redo = redo or stage in self.force or changed
             if not redo and done.get(stage) == keys[stage]:
                 console.print(f"[green]✓[/] {stage}: up to date (skipped)")
                 continue
@@ -145,11 +151,13 @@ class Runner:
                     done.pop(later, None)
                 write_json(state_path, done)
             done.pop(stage, None)
+            write_json(started_path, {stage: keys[stage]})
             start = time.perf_counter()
             summary = steps[stage]()
             console.print(f"[green]✓[/] {stage} ({time.perf_counter() - start:.0f} s): {summary}")
             done[stage] = keys[stage]
             write_json(state_path, done)
+            started_path.unlink()
         return json.loads((self.out / PIPELINE_METRICS).read_text())
 
     def _clear(self, stage: str) -> None:
