@@ -34,13 +34,16 @@ def rec(tiny_pipeline_run: Path) -> Recommender:
 
 
 class Slow:
-    """A Recommender whose ``recommend_batch`` first waits: records each batch's size, says
-    when it starts, and can be told to fail."""
+    """A Recommender whose ``recommend_batch`` records each batch's size, says when it starts,
+    waits ``delay`` seconds, and while ``hold`` is not set waits for it; it fails if told to."""
 
-    def __init__(self, rec: Recommender, delay: float, fail: bool = False) -> None:
+    def __init__(self, rec: Recommender, delay: float = 0.0, fail: bool = False, hold: bool = False) -> None:
         self._rec, self.delay, self.fail = rec, delay, fail
         self.sizes: list[int] = []
         self.started = threading.Event()
+        self.hold = threading.Event()
+        if not hold:
+            self.hold.set()
 
     def __getattr__(self, name: str):
         return getattr(self._rec, name)
@@ -48,6 +51,7 @@ class Slow:
     def recommend_batch(self, histories, k=10):
         self.sizes.append(len(histories))
         self.started.set()
+        assert self.hold.wait(30), "held for too long"
         time.sleep(self.delay)
         if self.fail:
             raise RuntimeError("boom")
@@ -258,7 +262,7 @@ def test_api_key_is_required_except_for_health_page_and_docs(rec: Recommender, s
 
 
 def test_a_full_queue_answers_503_with_retry_after(rec: Recommender, serve) -> None:
-    slow = Slow(rec, delay=0.5)
+    slow = Slow(rec, hold=True)
     client = serve(slow, max_queue=1, max_batch=1)
     worker = client.app.state.worker
     first = threading.Thread(target=client.post, args=("/recommend",), kwargs={"json": {"history": HISTORY}})
@@ -270,24 +274,25 @@ def test_a_full_queue_answers_503_with_retry_after(rec: Recommender, serve) -> N
     r = client.post("/recommend", json={"history": HISTORY})
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
     assert "busy" in r.json()["detail"]
+    slow.hold.set()
     first.join(10)
     second.join(10)
     assert client.get("/stats").json()["rejected"] == 1
 
 
 def test_a_request_not_answered_in_time_is_504(rec: Recommender, serve) -> None:
-    slow = Slow(rec, delay=0.6)
+    slow = Slow(rec, hold=True)
     client = serve(slow, request_timeout_s=0.2)
     r = client.post("/recommend", json={"history": HISTORY})
     assert r.status_code == 504 and "0.2 s" in r.json()["detail"]
     assert client.get("/stats").json()["timeouts"] == 1
-    slow.delay = 0.0
+    slow.hold.set()
     wait_for(lambda: client.get("/stats").json()["batches"] == 1)  # the late batch finished quietly
     assert client.post("/recommend", json={"history": HISTORY}).status_code == 200
 
 
 def test_a_failing_model_is_500_for_its_requests_only(rec: Recommender, serve) -> None:
-    slow = Slow(rec, delay=0.0, fail=True)
+    slow = Slow(rec, fail=True)
     client = serve(slow)
     r = client.post("/recommend", json={"history": HISTORY})
     assert r.status_code == 500 and r.json()["detail"] == "recommendation failed: RuntimeError"
@@ -298,7 +303,7 @@ def test_a_failing_model_is_500_for_its_requests_only(rec: Recommender, serve) -
 
 # --------------------------------------------------------------------------- micro-batching
 def test_requests_that_pile_up_while_the_model_is_busy_share_one_forward(rec: Recommender, serve) -> None:
-    slow = Slow(rec, delay=0.3)
+    slow = Slow(rec, hold=True)
     client = serve(slow, max_batch=8, max_wait_ms=20)
     worker = client.app.state.worker
     first = threading.Thread(target=client.post, args=("/recommend",), kwargs={"json": {"history": HISTORY}})
@@ -309,7 +314,8 @@ def test_requests_that_pile_up_while_the_model_is_busy_share_one_forward(rec: Re
     threads_done: list[list[httpx.Response]] = []
     runner = threading.Thread(target=lambda: threads_done.append(in_threads(calls)))
     runner.start()
-    wait_for(lambda: worker.waiting == len(HISTORIES))
+    wait_for(lambda: worker.waiting == len(HISTORIES))  # all piled up behind the first
+    slow.hold.set()
     runner.join(30)
     first.join(10)
     responses = threads_done[0]
@@ -332,7 +338,7 @@ def test_without_batching_each_request_runs_alone(rec: Recommender, serve) -> No
 
 
 def test_a_batch_request_larger_than_max_batch_runs_whole(rec: Recommender, serve) -> None:
-    slow = Slow(rec, delay=0.0)
+    slow = Slow(rec)
     client = serve(slow, max_batch=2)
     r = client.post("/recommend/batch", json={"histories": HISTORIES[:4]})
     assert r.status_code == 200 and slow.sizes == [4]
