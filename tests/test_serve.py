@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ import httpx  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from llamarec.pipeline import Recommender  # noqa: E402
-from llamarec.serve import create_app  # noqa: E402
+from llamarec.serve import BatchWorker, ShuttingDown, create_app  # noqa: E402
 
 HISTORY = ["3", "Item 4", "item 5"]  # a raw id, an exact title, a title in another case
 HISTORIES = [["1", "2", "3"], ["10", "11"], ["Item 20"], ["30", "31", "32", "33"], ["7"], ["40", "41"]]
@@ -342,6 +343,19 @@ def test_a_batch_request_larger_than_max_batch_runs_whole(rec: Recommender, serv
     client = serve(slow, max_batch=2)
     r = client.post("/recommend/batch", json={"histories": HISTORIES[:4]})
     assert r.status_code == 200 and slow.sizes == [4]
+
+
+def test_requests_still_queued_when_the_worker_stops_hear_so(rec: Recommender) -> None:
+    async def scenario() -> None:
+        worker = BatchWorker(rec, max_batch=4, max_wait_ms=0, max_queue=4)
+        worker._queue.put(None)  # the stop signal is ahead of the request
+        job = worker.submit([["1"]], 3)
+        worker.start()
+        with pytest.raises(ShuttingDown):
+            await asyncio.wait_for(job.future, 10)
+        worker.stop()
+
+    asyncio.run(scenario())
 
 
 # --------------------------------------------------------------------------- the access log

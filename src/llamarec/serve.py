@@ -48,6 +48,10 @@ class QueueFull(Exception):
     """The worker's queue holds ``max_queue`` requests already."""
 
 
+class ShuttingDown(Exception):
+    """The worker stopped before it took the request."""
+
+
 class UnknownItems(Exception):
     """History entries that are neither an item id nor a title (answered with 422)."""
 
@@ -178,8 +182,14 @@ class BatchWorker:
                 batch.append(job)
                 size += len(job.histories)
             self._run_batch(batch)
-        for job in [carry] if carry is not None else []:
-            self._settle(job, None, LlamarecError("the server is shutting down"))
+        # Stopped: whatever still waits (queued after the stop) hears so rather than timing out.
+        while True:
+            try:
+                job = self._take(False)
+            except queue.Empty:
+                break
+            if job is not None:
+                self._settle(job, None, ShuttingDown())
 
     def _run_batch(self, jobs: list[_Job]) -> None:
         jobs = [job for job in jobs if not job.cancelled]
@@ -452,6 +462,8 @@ def create_app(recommender, *, api_key: str | None = None, max_batch: int = 8, m
                                 headers={"Retry-After": "1"}) from None
         try:
             outcome = await asyncio.wait_for(job.future, request_timeout_s)
+        except ShuttingDown:
+            raise HTTPException(503, "the server is shutting down", headers={"Retry-After": "5"}) from None
         except asyncio.TimeoutError:
             job.cancelled = True
             worker.count("timeouts")
