@@ -84,7 +84,8 @@ def run_ray(run_dir: Path, todo: list[Shard], sink, *, k: int, batch_size: int, 
         rows = [{"shard": s.index, "positions": batch, "user_ids": [s.user_ids[i] for i in batch],
                  "histories": json.dumps([s.histories[i] for i in batch], default=str, ensure_ascii=False)}
                 for s in todo for batch in s.batches]
-        n_blocks = min(len(rows), 4 * workers)  # several blocks per actor, so that all actors get work
+        # Blocks of about 16 batches: every actor gets work, and results (so shards) come back as they are done.
+        n_blocks = max(min(len(rows), 4 * workers), len(rows) // 16)
         blocks = [pd.DataFrame(rows[b * len(rows) // n_blocks:(b + 1) * len(rows) // n_blocks])
                   for b in range(n_blocks)]
         gpus = 1 if device.startswith("cuda") else 0
