@@ -239,3 +239,12 @@ def test_the_cli(tiny_pipeline_run: Path, tmp_path: Path, run_llamarec) -> None:
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and "--force" in result.stderr
     assert os.path.isfile(out / "manifest.json")
+
+
+def test_a_dataframe_of_histories_and_the_ray_engine_without_ray(tiny_pipeline_run: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    frame = pd.DataFrame({"user_id": [u for u, _ in HISTORIES], "history": [h for _, h in HISTORIES]})
+    pd.testing.assert_frame_equal(score(tiny_pipeline_run, frame, k=3), score(tiny_pipeline_run, HISTORIES, k=3))
+    monkeypatch.setitem(__import__("sys").modules, "ray", None)  # `import ray` fails as if not installed
+    with pytest.raises(LlamarecError, match=r'the ray engine needs the ray extra: pip install -e "\.\[ray\]"'):
+        score(tiny_pipeline_run, HISTORIES, engine="ray")
