@@ -279,3 +279,23 @@ def test_bad_config_files_raise_one_line_errors(tmp_path, name, text, message):
 def test_missing_config_file_raises(tmp_path):
     with pytest.raises(LlamarecError, match="cannot read"):
         PromptConfig.from_file(tmp_path / "missing.yaml")
+
+
+def test_titles_are_tokenized_once_and_prompts_once(char_tokenizer, monkeypatch):
+    builder = PromptBuilder(char_tokenizer)
+    calls = {"n": 0}
+    original = type(char_tokenizer).__call__
+
+    def counting(self, *args, **kwargs):
+        calls["n"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(char_tokenizer), "__call__", counting)
+    history, candidates = ["Alien", "Heat"], [f"Film {i}" for i in range(20)]
+    text, ids = builder.build_with_ids(history, candidates)
+    assert calls["n"] == 22 + 1  # each distinct title once, the prompt once
+    calls["n"] = 0
+    assert builder.build_ids(history, list(reversed(candidates))) == \
+        char_tokenizer(builder.build(history, list(reversed(candidates))))["input_ids"]
+    assert calls["n"] == 3  # cached titles: build_ids and build tokenize their prompt once each, and the check
+    assert ids == char_tokenizer(text)["input_ids"]

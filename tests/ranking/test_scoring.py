@@ -70,8 +70,8 @@ def test_calibration_removes_a_planted_letter_prior(ranker, tiny_retriever_run, 
     clean_prior = torch.tensor(letter_prior(ranker, examples, seed=0))
 
     planted = torch.linspace(60.0, 0.0, 20)
-    original = ranker.scorer.score
-    monkeypatch.setattr(ranker.scorer, "score", lambda prompts: original(prompts) + planted)
+    original = ranker.scorer.score_ids
+    monkeypatch.setattr(ranker.scorer, "score_ids", lambda prompts: original(prompts) + planted)
     biased = ranker.score(examples)
     assert (biased.argmax(-1) == 0).all()  # the bonus dominates every prompt
     prior = torch.tensor(letter_prior(ranker, examples, seed=0))

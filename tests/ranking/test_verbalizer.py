@@ -224,3 +224,35 @@ def test_permutation_average_rejects_bad_orders_and_shapes():
         permutation_average(fake_score_fn(torch.zeros(20)), [[0] * 20])
     with pytest.raises(ValueError, match="expected"):
         permutation_average(lambda orders: torch.zeros(len(orders), 3), [list(range(20))])
+
+
+def test_shared_prefix_scores_equal_separate_forward_passes(tiny_llm_dir):
+    """Permutation averaging with the prefix's key/value cache reused gives the scores of one
+    full forward pass per order (float32 tolerance), for prompts of different lengths."""
+    from llamarec.ranking.llm import load_llm
+    from llamarec.ranking.prompt import PromptBuilder, encode
+    from llamarec.ranking.verbalizer import LetterScorer, common_prefix
+
+    model, tokenizer = load_llm(str(tiny_llm_dir), dtype="float32", device="cpu")
+    builder = PromptBuilder(tokenizer)
+    letter_ids = resolve_letter_ids(tokenizer, builder.build(["a"], ["b"] * 20))
+    scorer = LetterScorer(model, tokenizer, letter_ids, batch_size=3)
+    histories = [["Heat"], ["Alien", "Aliens", "The Thing"], ["Up"] * 7, ["Fargo", "Casino"]]
+    titles = [f"{letter}ilm {i}" * (1 + i % 3) for i, letter in enumerate("abcdefghijklmnopqrst")]
+    orders = seeded_orders(20, 3, seed=5)
+    ids = [[builder.build_ids(h, [titles[i] for i in order]) for h in histories] for order in orders]
+    shared = scorer.score_shared_prefix(ids)
+    separate = scorer.score_ids([seq for version in ids for seq in version]).view(3, len(histories), 20)
+    torch.testing.assert_close(shared, separate, atol=1e-4, rtol=1e-4)
+    for b, h in enumerate(histories):  # the shared part is the instruction and the history
+        prefix = common_prefix([ids[k][b] for k in range(3)])
+        assert tokenizer.decode(prefix).endswith(h[-1] + "; \n Candidate pool: (A) ")
+        assert ids[0][b] == encode(tokenizer, builder.build(h, [titles[i] for i in orders[0]]))
+
+
+def test_common_prefix_keeps_one_token_for_every_sequence():
+    from llamarec.ranking.verbalizer import common_prefix
+
+    assert common_prefix([[1, 2, 3, 4], [1, 2, 5]]) == [1, 2]
+    assert common_prefix([[1, 2, 3], [1, 2, 3]]) == [1, 2]
+    assert common_prefix([[7], [7, 8]]) == []

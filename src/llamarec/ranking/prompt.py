@@ -44,6 +44,9 @@ if TYPE_CHECKING:
 LETTERS = "ABCDEFGHIJKLMNOPQRST"
 """Index letters of the candidates, in order; the candidate pool holds at most 20 items."""
 
+TITLE_CACHE_SIZE = 200_000
+"""Sanitised, cut titles a :class:`PromptBuilder` keeps (the cache is emptied when full)."""
+
 IGNORE_INDEX = -100
 """Label of the tokens that carry no loss (the convention of Hugging Face causal LMs)."""
 
@@ -263,13 +266,23 @@ class PromptBuilder:
                 "set use_chat_template: false or use an instruct model's tokenizer"
             )
         self._special_tokens = _special_token_strings(tokenizer)
+        self._titles: dict[str, str] = {}
 
     def title(self, title: str) -> str:
         """A sanitised title (see :func:`sanitize_title`) cut to ``max_title_tokens`` tokens.
 
         The cut keeps an exact prefix of the sanitised title (counted without special tokens),
-        ending at a token boundary, with trailing spaces removed.
+        ending at a token boundary, with trailing spaces removed. Each title is tokenized once:
+        results are cached (up to :data:`TITLE_CACHE_SIZE` titles).
         """
+        cut = self._titles.get(title)
+        if cut is None:
+            if len(self._titles) >= TITLE_CACHE_SIZE:
+                self._titles.clear()
+            cut = self._titles[title] = self._cut_title(title)
+        return cut
+
+    def _cut_title(self, title: str) -> str:
         text = sanitize_title(title, self._special_tokens)
         limit = self.config.max_title_tokens
         try:
@@ -284,7 +297,15 @@ class PromptBuilder:
         return text[: enc["offset_mapping"][limit - 1][1]].rstrip()
 
     def build(self, history_titles: Sequence[str], candidate_titles: Sequence[str]) -> str:
-        """The prompt text, ending exactly where the answer letter follows.
+        """The prompt text, ending exactly where the answer letter follows (see :meth:`build_with_ids`)."""
+        return self.build_with_ids(history_titles, candidate_titles)[0]
+
+    def build_ids(self, history_titles: Sequence[str], candidate_titles: Sequence[str]) -> list[int]:
+        """The token ids of :meth:`build`'s prompt (``encode(tokenizer, prompt)``)."""
+        return self.build_with_ids(history_titles, candidate_titles)[1]
+
+    def build_with_ids(self, history_titles: Sequence[str], candidate_titles: Sequence[str]) -> tuple[str, list[int]]:
+        """The prompt text and its token ids, tokenized once.
 
         ``history_titles`` is chronological (oldest first); only the last ``max_history`` are
         used, numbered from (1). If the prompt is longer than ``max_prompt_tokens`` the oldest
@@ -307,9 +328,10 @@ class PromptBuilder:
         )
         for start in range(len(history)):
             text = self._render(history[start:], candidates)
-            n_tokens = len(encode(self.tokenizer, text))
+            ids = encode(self.tokenizer, text)
+            n_tokens = len(ids)
             if n_tokens <= cfg.max_prompt_tokens:
-                return text
+                return text, ids
         raise LlamarecError(
             f"the ranking prompt needs {n_tokens} tokens even with only the latest history "
             f"item, more than max_prompt_tokens={cfg.max_prompt_tokens}; raise max_prompt_tokens "
@@ -324,9 +346,9 @@ class PromptBuilder:
             raise LlamarecError(
                 f"answer index {answer} is outside the candidate pool of {len(candidate_titles)}"
             )
-        prompt = self.build(history_titles, candidate_titles)
+        prompt, prompt_ids = self.build_with_ids(history_titles, candidate_titles)
         letter_id = answer_token_id(self.tokenizer, prompt, LETTERS[answer])
-        input_ids = encode(self.tokenizer, prompt) + [letter_id]
+        input_ids = prompt_ids + [letter_id]
         position = len(input_ids) - 1
         labels = [IGNORE_INDEX] * position + [letter_id]
         return TrainingExample(prompt + LETTERS[answer], input_ids, labels, position)

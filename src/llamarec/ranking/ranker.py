@@ -31,12 +31,14 @@ class Ranker:
     """Turns item ids into titled prompts and scores the candidates of each example.
 
     ``titles[i]`` is the title of item ``i``. Letter ids are resolved once, after a prompt of
-    the configured template (every prompt ends with the same text before the answer).
+    the configured template (every prompt ends with the same text before the answer). With
+    several candidate orders per example, ``reuse_prefix`` runs the prompt's shared prefix
+    (instruction and history) once per example and reuses its key/value cache for every order.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, titles: Sequence[str],
-                 prompt_config: PromptConfig | None = None, batch_size: int = 8) -> None:
-        self.model, self.tokenizer, self.titles = model, tokenizer, titles
+                 prompt_config: PromptConfig | None = None, batch_size: int = 8, reuse_prefix: bool = True) -> None:
+        self.model, self.tokenizer, self.titles, self.reuse_prefix = model, tokenizer, titles, reuse_prefix
         self.builder = PromptBuilder(tokenizer, prompt_config)
         sample = self.builder.build(["a"], ["b"] * len(LETTERS))
         self.letter_ids = resolve_letter_ids(tokenizer, sample)
@@ -45,19 +47,21 @@ class Ranker:
     def prompt(self, history: Sequence[int], candidates: Sequence[int]) -> str:
         return self.builder.build([self.titles[i] for i in history], [self.titles[i] for i in candidates])
 
+    def prompt_ids(self, history: Sequence[int], candidates: Sequence[int]) -> list[int]:
+        return self.builder.build_ids([self.titles[i] for i in history], [self.titles[i] for i in candidates])
+
     def shown_scores(self, examples: Sequence[RankExample], orders: Sequence[Sequence[int]],
                      letter_prior: Sequence[float] | None = None) -> torch.Tensor:
         """``[len(orders), len(examples), n]`` letter logits of every example shown in every
         order: entry ``[k, b, j]`` is the letter at position ``j`` when the candidates are
         shown as ``candidates[orders[k][j]]``. ``letter_prior`` is subtracted per position."""
         n = len(examples[0].candidates)
-        prompts = [self.prompt(ex.history, [ex.candidates[i] for i in order]) for order in orders for ex in examples]
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            shown = self.scorer.score(prompts)[:, :n].view(len(orders), len(examples), n)
-        finally:
-            self.model.train(was_training)
+        ids = [[self.prompt_ids(ex.history, [ex.candidates[i] for i in order]) for ex in examples] for order in orders]
+        if len(orders) > 1 and self.reuse_prefix:
+            shown = self.scorer.score_shared_prefix(ids)[..., :n]
+        else:
+            shown = self.scorer.score_ids([seq for version in ids for seq in version])[:, :n]
+            shown = shown.view(len(orders), len(examples), n)
         if letter_prior is not None:
             shown = shown - torch.tensor(letter_prior[:n], dtype=shown.dtype)
         return shown

@@ -123,20 +123,85 @@ class LetterScorer:
         finally:
             self.model.train(was_training)
 
-    @torch.inference_mode()
-    def _score(self, prompts: Sequence[str]) -> torch.Tensor:
-        encoded = [encode(self.tokenizer, p) for p in prompts]
-        scores = torch.empty((len(encoded), len(self.letter_ids)), dtype=torch.float32)
+    def score_ids(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
+        """:meth:`score` for prompts already tokenized (``encode(tokenizer, prompt)``)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self._score_ids(sequences)
+        finally:
+            self.model.train(was_training)
+
+    def score_shared_prefix(self, sequences: Sequence[Sequence[Sequence[int]]]) -> torch.Tensor:
+        """``[K, B, n_letters]`` scores of ``sequences[k][b]``: K versions of each of B prompts
+        (e.g. candidate orders) that share a prefix (instruction and history) per prompt.
+
+        The shared prefix of each prompt runs through the model once and its key/value cache is
+        reused for all K suffixes, instead of K full forward passes; the scores equal
+        :meth:`score_ids` of every sequence within floating-point tolerance.
+        """
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self._score_shared_prefix(sequences)
+        finally:
+            self.model.train(was_training)
+
+    def _pad_id(self) -> int:
         pad_id = self.tokenizer.pad_token_id
-        pad_id = 0 if pad_id is None else pad_id
+        return 0 if pad_id is None else pad_id
+
+    def _score(self, prompts: Sequence[str]) -> torch.Tensor:
+        return self._score_ids([encode(self.tokenizer, p) for p in prompts])
+
+    @torch.inference_mode()
+    def _score_ids(self, encoded: Sequence[Sequence[int]]) -> torch.Tensor:
+        scores = torch.empty((len(encoded), len(self.letter_ids)), dtype=torch.float32)
         for batch in length_buckets([len(ids) for ids in encoded], self.batch_size):
-            logits = next_token_logits(self.model, [encoded[i] for i in batch], pad_id)
+            logits = next_token_logits(self.model, [encoded[i] for i in batch], self._pad_id())
             scores[batch] = logits[:, self.letter_ids].float().cpu()
+        return scores
+
+    @torch.inference_mode()
+    def _score_shared_prefix(self, sequences: Sequence[Sequence[Sequence[int]]]) -> torch.Tensor:
+        n_versions, n_prompts = len(sequences), len(sequences[0])
+        scores = torch.empty((n_versions, n_prompts, len(self.letter_ids)), dtype=torch.float32)
+        prefixes = [common_prefix([sequences[k][b] for k in range(n_versions)]) for b in range(n_prompts)]
+        if not all(prefixes):  # nothing shared: score every version on its own
+            flat = self._score_ids([seq for version in sequences for seq in version])
+            return flat.view(n_versions, n_prompts, -1)
+        for batch in length_buckets([len(sequences[0][b]) for b in range(n_prompts)], self.batch_size):
+            prefix_ids, prefix_mask = pad_batch([prefixes[b] for b in batch], self._pad_id())
+            device = next(self.model.parameters()).device
+            out = self.model(input_ids=prefix_ids.to(device), attention_mask=prefix_mask.to(device),
+                             position_ids=((prefix_mask.cumsum(-1) - 1).clamp(min=0)).to(device),
+                             use_cache=True, logits_to_keep=1)
+            cache = out.past_key_values
+            for k in range(n_versions):
+                suffixes = [sequences[k][b][len(prefixes[b]):] for b in batch]
+                suffix_ids, suffix_mask = pad_batch(suffixes, self._pad_id())
+                positions = prefix_mask.sum(-1, keepdim=True) + suffix_mask.cumsum(-1) - 1
+                logits = self.model(input_ids=suffix_ids.to(device),
+                                    attention_mask=torch.cat([prefix_mask, suffix_mask], -1).to(device),
+                                    position_ids=positions.clamp(min=0).to(device), past_key_values=cache,
+                                    use_cache=True, logits_to_keep=1).logits[:, -1]
+                scores[k, batch] = logits[:, self.letter_ids].float().cpu()
+                cache.crop(-suffix_ids.shape[1])  # back to the shared prefix for the next version
         return scores
 
     def probabilities(self, prompts: Sequence[str]) -> torch.Tensor:
         """Softmax of :meth:`score` over the letters: a distribution over the candidates."""
         return self.score(prompts).softmax(-1)
+
+
+def common_prefix(sequences: Sequence[Sequence[int]]) -> list[int]:
+    """The longest common prefix of token sequences, one token short of the shortest, so that
+    every sequence keeps at least one token after it."""
+    shortest = min(len(seq) for seq in sequences)
+    length = 0
+    while length < shortest - 1 and all(seq[length] == sequences[0][length] for seq in sequences):
+        length += 1
+    return list(sequences[0][:length])
 
 
 def seeded_orders(n: int, count: int, seed: int = 0) -> list[list[int]]:
