@@ -2,6 +2,7 @@
 
     python benchmarks/ranking.py [--n 20] [--batch 8] [--n-gen 3] [--dtype float32|bfloat16]
                                  [--compare-dtypes] [--model smollm2] [--data-dir DIR] [--seed 0]
+    python benchmarks/ranking.py --limits [--busy-neighbour] [--json] [--n 8] [--dtype bfloat16]
 
 Prompts are built from MovieLens (ml-latest-small) titles: a random window of 20 consecutive
 items of a random user as the history, and the next item plus 19 random items outside the
@@ -11,11 +12,23 @@ generation baseline (greedy decoding of the ranked titles, batch 1) on the first
 prompts only, since it is much slower. Recall@1 and NDCG@5 of the true item are shown too, but
 on this few prompts with an untuned model they are noise. ``--compare-dtypes`` also scores all
 prompts in float32 and bfloat16 and reports how far the letter logits move.
+
+``--limits`` instead compares llamarec's forward pass with the hardware in one run: the matmul
+peak of this process (GFLOP/s of a square matmul in ``--dtype`` at the current thread count),
+the ranker's useful FLOPs per prompt (2 x non-embedding parameters x tokens, plus causal
+attention and the LM head on one position) per second as a fraction of that peak, a plain
+transformers baseline (float32, full logits at every position, batch 1), and permutation
+averaging over 1, 3 and 5 candidate orders with and without reusing the shared prefix's
+key/value cache. ``--busy-neighbour`` repeats it while a second process multiplies matrices
+on one thread.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -155,6 +168,79 @@ def random_model(args: argparse.Namespace) -> tuple[torch.nn.Module, PreTrainedT
     return random_llama(args.random_shape, len(tokenizer), getattr(torch, args.dtype), device), tokenizer
 
 
+def matmul_peak_gflops(dtype: torch.dtype, size: int = 1536, seconds: float = 1.5) -> float:
+    """GFLOP/s of repeated ``size`` x ``size`` matmuls in ``dtype`` in this process."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b  # warm-up
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        runs += 1
+    return 2 * size**3 * runs / (time.perf_counter() - start) / 1e9
+
+
+def prompt_flops(model: torch.nn.Module, tokens: int) -> float:
+    """Useful FLOPs of one verbalizer forward: linear layers on every token, causal attention,
+    and the LM head on the last position only."""
+    config = model.config
+    linear = sum(m.weight.numel() for name, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and "lm_head" not in name)
+    attention = 2 * config.num_hidden_layers * tokens * tokens * config.hidden_size
+    return 2 * linear * tokens + attention + 2 * config.hidden_size * config.vocab_size
+
+
+def limits(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, titles: Sequence[str],
+           examples: Sequence[RankExample], dtype: torch.dtype, model_name: str | None) -> dict:
+    """Peak, llamarec, the plain baseline and permutation averaging, measured in one run."""
+    peak = matmul_peak_gflops(dtype)
+    ranker = Ranker(model, tokenizer, titles, batch_size=1)
+    ms, _ = ms_per_prompt(ranker.score, examples)
+    tokens = float(np.mean([len(ranker.prompt_ids(ex.history, ex.candidates)) for ex in examples]))
+    achieved = prompt_flops(model, int(tokens)) / (ms / 1000) / 1e9
+    plain, plain_tokenizer = load_llm(model_name, dtype="float32", device="cpu")
+    prompts = [ranker.prompt(ex.history, ex.candidates) for ex in examples]
+
+    def baseline(batch: Sequence[str]) -> None:
+        with torch.inference_mode():
+            for text in batch:
+                plain(**plain_tokenizer(text, return_tensors="pt"))  # full logits, every position
+
+    baseline_ms, _ = ms_per_prompt(baseline, prompts)
+    permutations = {}
+    for reuse in (False, True):
+        timed = Ranker(model, tokenizer, titles, batch_size=len(examples), reuse_prefix=reuse)
+        for count in (1, 3, 5):
+            ms_count, _ = ms_per_prompt(lambda exs, r=timed, c=count: r.score(exs, "average", c), examples)
+            permutations[f"{count}{' reuse' if reuse else ''}"] = ms_count
+    return {"threads": torch.get_num_threads(), "dtype": str(dtype).removeprefix("torch."),
+            "prompt_tokens": tokens, "peak_gflops": peak, "ms_per_prompt": ms, "achieved_gflops": achieved,
+            "fraction_of_peak": achieved / peak, "baseline_ms_per_prompt": baseline_ms,
+            "permutations": {"without_reuse": {c: permutations[str(c)] for c in (1, 3, 5)},
+                             "with_reuse": {c: permutations[f"{c} reuse"] for c in (1, 3, 5)}}}
+
+
+def busy_neighbour() -> subprocess.Popen:
+    """A second process multiplying matrices on one thread until it is killed."""
+    code = ("import torch; torch.set_num_threads(1); a = torch.randn(1024, 1024)\n"
+            "while True: a @ a")
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
+def limits_table(result: dict, title: str) -> Table:
+    table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for column in ("what", "ms / prompt", "GFLOP/s", "of peak"):
+        table.add_column(column, justify="right" if column != "what" else "left")
+    table.add_row(f"matmul peak ({result['dtype']}, {result['threads']} thread(s))", "-",
+                  f"{result['peak_gflops']:.0f}", "100%")
+    table.add_row(f"llamarec ({result['prompt_tokens']:.0f} tokens)", f"{result['ms_per_prompt']:.0f}",
+                  f"{result['achieved_gflops']:.0f}", f"{result['fraction_of_peak']:.0%}")
+    table.add_row("plain transformers (float32, full logits)", f"{result['baseline_ms_per_prompt']:.0f}", "-", "-")
+    for count in (1, 3, 5):
+        without, with_reuse = (result["permutations"][k][count] for k in ("without_reuse", "with_reuse"))
+        table.add_row(f"{count} order(s): without / with prefix reuse", f"{without:.0f} / {with_reuse:.0f}", "-", "-")
+    return table
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -170,6 +256,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--random-shape", choices=["llama-7b", "llama-1b"], default=None,
                         help="time a randomly initialised Llama of this size instead of --model")
     parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer directory for --random-shape")
+    parser.add_argument("--limits", action="store_true", help="peak / llamarec / baseline / prefix reuse")
+    parser.add_argument("--busy-neighbour", action="store_true", help="with --limits: also with a busy neighbour")
+    parser.add_argument("--json", action="store_true", help="with --limits: print one JSON object")
     args = parser.parse_args()
     if args.n < 1 or args.batch < 1 or args.n_gen < 0:
         parser.error("--n and --batch must be at least 1, --n-gen at least 0")
@@ -187,6 +276,21 @@ def main() -> None:
             args.model = f"random {args.random_shape}"
         else:
             model, tokenizer = load_llm(args.model, dtype=args.dtype, device=args.device)
+        if args.limits:
+            dtype = getattr(torch, args.dtype)
+            result = {"idle": limits(model, tokenizer, ds.titles, examples, dtype, args.model)}
+            if args.busy_neighbour:
+                neighbour = busy_neighbour()
+                try:
+                    result["busy_neighbour"] = limits(model, tokenizer, ds.titles, examples, dtype, args.model)
+                finally:
+                    neighbour.kill()
+            if args.json:
+                print(json.dumps(result))
+            for name, part in result.items():
+                if not args.json:
+                    console.print(limits_table(part, f"{args.model or 'SmolLM2-135M-Instruct'}, {name}"))
+            return
         rows = speed_rows(model, tokenizer, ds.titles, examples, args.batch, min(args.n_gen, args.n))
         device = next(model.parameters()).device
         console.print(speed_table(rows, f"{args.model or 'SmolLM2-135M-Instruct'}, {args.dtype}, {device}, "
