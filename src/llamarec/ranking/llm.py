@@ -36,6 +36,7 @@ from llamarec.devices import resolve_device
 from llamarec.errors import LlamarecError
 from llamarec.fetch import cache_dir, pip_download, sha256_of
 from llamarec.io import atomic_path
+from llamarec.ranking.gemma import GEMMA3_270M, GEMMA3_LICENSE, gemma3_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -129,9 +130,10 @@ def _smollm2_from_hub() -> str | None:
 def resolve_model(model: str | None = None, gguf_file: str | None = None) -> ModelSource:
     """Where to load ``model`` from (see the module docstring for the default model's sources).
 
-    ``model`` is ``None`` or ``"smollm2"`` for the default, a local directory, a local
-    ``.gguf`` file, or a Hugging Face Hub id; ``gguf_file`` names a GGUF file inside a directory
-    or hub repository.
+    ``model`` is ``None`` or ``"smollm2"`` for the default, ``"gemma3-270m"`` (opt-in, Gemma
+    Terms of Use, see :mod:`llamarec.ranking.gemma`), a local directory, a local ``.gguf``
+    file, or a Hugging Face Hub id; ``gguf_file`` names a GGUF file inside a directory or hub
+    repository.
     """
     if model is None or model == DEFAULT_MODEL:
         if gguf_file is not None:
@@ -146,6 +148,11 @@ def resolve_model(model: str | None = None, gguf_file: str | None = None) -> Mod
             source = ModelSource(str(gguf.parent), gguf.name, f"PyPI wheel {SMOLLM2_WHEEL}")
         logger.info("default model SmolLM2-135M-Instruct: %s (%s)", source.path, source.origin)
         return source
+    if model == GEMMA3_270M:  # opt-in only: Gemma Terms of Use (see llamarec.ranking.gemma)
+        if gguf_file is not None:
+            raise LlamarecError(f"gguf_file cannot be combined with {GEMMA3_270M}")
+        gguf = gemma3_model_path()
+        return ModelSource(str(gguf.parent), gguf.name, f"PyPI chunk wheels, {GEMMA3_LICENSE}")
     path = Path(model).expanduser()
     if path.is_file():
         if path.suffix.lower() != ".gguf" or gguf_file is not None:
