@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from llamarec.configs import read_json_file
 from llamarec.errors import LlamarecError
 from llamarec.io import atomic_path, write_json
+
+T = TypeVar("T")
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> None:
@@ -67,12 +72,42 @@ def load_training_state(directory: Path, optimizer: torch.optim.Optimizer
     ``(weights, rng, state)``, or None when there is no checkpoint."""
     if not (directory / "state.json").is_file():
         return None
-    state = json.loads((directory / "state.json").read_text())
-    weights, _ = load_tensors(directory / "weights.safetensors")
-    tensors, meta = load_tensors(directory / "optimizer.safetensors")
+    try:
+        state = read_json_file(directory / "state.json")
+        weights, _ = load_tensors(directory / "weights.safetensors")
+        tensors, meta = load_tensors(directory / "optimizer.safetensors")
+    except LlamarecError as exc:
+        raise LlamarecError(f"{exc}; delete {directory} to train from the start") from None
     rng = {k.removeprefix("rng."): tensors.pop(k) for k in list(tensors) if k.startswith("rng.")}
-    restore_optimizer(optimizer, tensors, meta)
+    with restoring(directory):
+        restore_optimizer(optimizer, tensors, meta)
     return weights, rng, state
+
+
+@contextlib.contextmanager
+def restoring(directory: Path) -> Iterator[None]:
+    """Errors while restoring from the checkpoint in ``directory`` (an edited or foreign
+    checkpoint) become one line that says how to start afresh."""
+    try:
+        yield
+    except (TypeError, KeyError, ValueError, RuntimeError, IndexError) as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise LlamarecError(f"{directory}: not a usable checkpoint of this run ({type(exc).__name__}: {reason}); "
+                            f"delete {directory} to train from the start") from None
+
+
+def restore_state(cls: type[T], state: dict, directory: Path) -> T:
+    """The dataclass ``cls`` (a trainer's state) from the JSON state of a checkpoint, its
+    fields type-checked."""
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        return TypeAdapter(cls).validate_python(state)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "state"
+        raise LlamarecError(f"{directory / 'state.json'}: {field}: {err['msg']}; delete {directory} to train "
+                            "from the start") from None
 
 
 def check_same_config(out: Path, saved: dict | None, current: dict, what: str) -> None:

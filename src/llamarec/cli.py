@@ -350,8 +350,12 @@ def main() -> None:
     (set LLAMAREC_DEBUG=1 for the traceback)."""
     try:
         app()
-    except LlamarecError as exc:
+    except (LlamarecError, OSError) as exc:
+        # OSError: a file that cannot be read or written (permissions, a full disk) that no
+        # atomic write turned into a LlamarecError naming it.
         if os.environ.get("LLAMAREC_DEBUG"):
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        message = str(exc) if isinstance(exc, LlamarecError) else \
+            f"{str(exc.filename) + ': ' if exc.filename else ''}{exc.strerror or exc}"
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(1)

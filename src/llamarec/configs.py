@@ -37,13 +37,19 @@ def validate(model_cls: type[M], values: dict, source: str) -> M:
         raise LlamarecError(f"{source}: {field}: {err['msg']} (got {err.get('input')!r})") from None
 
 
-def read_json_config(model_cls: type[M], path: Path) -> M:
-    """A JSON file a run wrote, validated into ``model_cls``; a damaged or edited file gives one
-    line naming the file and what is wrong."""
+def read_json_file(path: Path) -> dict:
+    """A JSON object a run wrote; a damaged or edited file (truncated, not UTF-8, not an
+    object) gives one line naming the file and what is wrong."""
     try:
         values = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise LlamarecError(f"{path}: cannot read ({' '.join(str(exc).split())})") from None
+        raise LlamarecError(f"{path}: cannot read ({' '.join(str(exc).split())[:200]})") from None
     if not isinstance(values, dict):
         raise LlamarecError(f"{path}: expected a JSON object")
-    return validate(model_cls, values, str(path))
+    return values
+
+
+def read_json_config(model_cls: type[M], path: Path) -> M:
+    """A JSON file a run wrote, validated into ``model_cls``; a damaged or edited file gives one
+    line naming the file and what is wrong."""
+    return validate(model_cls, read_json_file(path), str(path))

@@ -16,19 +16,23 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from llamarec.errors import LlamarecError
+
 
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path; on success it replaces ``dest`` atomically, on error it is removed."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
+    with _writing(dest):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+        os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp creates 0600; use the usual mode
-        os.replace(tmp_path, dest)
+        with _writing(dest):
+            yield tmp_path
+            os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp creates 0600; use the usual mode
+            os.replace(tmp_path, dest)
     finally:
         tmp_path.unlink(missing_ok=True)
 
@@ -37,20 +41,39 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
 def atomic_dir(dest: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``dest`` (a directory) when the block succeeds."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    with _writing(dest):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
-        yield tmp
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
+        with _writing(dest):
+            yield tmp
+            if dest.exists():
+                old = dest.with_name(f".{dest.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(dest, old)
+                os.replace(tmp, dest)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _writing(dest: Path) -> Iterator[None]:
+    """An OS error while writing ``dest`` (a read-only directory, a full disk, a file-size
+    limit) becomes one line naming it; the previous ``dest``, if any, is left as it was."""
+    try:
+        yield
+    except OSError as exc:
+        raise LlamarecError(f"{dest}: cannot write ({exc.strerror or exc}); the previous version, "
+                            "if any, is unchanged") from None
+    except Exception as exc:
+        # safetensors reports I/O errors as its own type, naming the OS error in the message
+        if type(exc).__name__ == "SafetensorError" and "os error" in str(exc):
+            raise LlamarecError(f"{dest}: cannot write ({' '.join(str(exc).split())}); the previous "
+                                "version, if any, is unchanged") from None
+        raise
 
 
 def _umask() -> int:

@@ -7,6 +7,9 @@ Paths inside a run are always relative to the run directory, so a run can be mov
 
 from __future__ import annotations
 
+# in every directory that holds artifacts: their relative paths, sha256 and sizes
+MANIFEST_FILE = "manifest.json"
+
 # pipeline run (``llamarec run``)
 RETRIEVER_DIR = "retriever"
 RANKER_DIR = "ranker"

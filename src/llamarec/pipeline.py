@@ -10,7 +10,6 @@ evaluation reranks through the same :meth:`Ranker.rerank <llamarec.ranking.ranke
 from __future__ import annotations
 
 import difflib
-import json
 import logging
 import numbers
 import time
@@ -81,17 +80,17 @@ class Recommender:
         retriever_dir = run_dir / RETRIEVER_DIR if (run_dir / RETRIEVER_DIR).is_dir() else run_dir
         torch_dtype = None if dtype is None else resolve_dtype(dtype, torch.device("cpu"))
         model, cfg = load_retriever_model(retriever_dir, device, torch_dtype)
-        catalogue = _catalogue(retriever_dir)
+        catalogue = _catalogue(retriever_dir, model.config.n_items)
         ranker, scoring, n_candidates = None, ScoringConfig(), 20
         if with_ranker and (run_dir / RANKER_DIR / "adapter").is_dir():
+            from llamarec.ranking.config import verify_ranker_run
             from llamarec.ranking.ranker import load_ranker
 
+            verify_ranker_run(run_dir / RANKER_DIR)
             ranker = load_ranker(run_dir / RANKER_DIR, catalogue.titles, device=device, dtype=dtype)
             scoring = _scoring(run_dir)
             # The ranker was fine-tuned, and the fusion weight tuned, on the run's top-k candidates.
-            summary = retriever_dir / CANDIDATES_SUMMARY
-            if summary.is_file():
-                n_candidates = int(json.loads(summary.read_text())["k"])
+            n_candidates = _n_candidates(retriever_dir, catalogue.n_items)
         return cls(model, cfg.max_len, catalogue, ranker, scoring, n_candidates)
 
     # -- history resolution ---------------------------------------------------------------------
@@ -195,7 +194,11 @@ class Recommender:
         return results
 
 
-def _catalogue(retriever_dir: Path) -> Catalogue:
+def _catalogue(retriever_dir: Path, n_items: int | None = None) -> Catalogue:
+    """The run's item catalogue (checked against the manifest), which must describe the
+    retriever's ``n_items`` items when that is given."""
+    from llamarec.manifest import verify
+
     path = retriever_dir / CATALOGUE_FILE
     if not path.is_file():
         # A run trained before runs carried their catalogue: build it once from the dataset.
@@ -204,24 +207,53 @@ def _catalogue(retriever_dir: Path) -> Catalogue:
         ds = load_run_dataset(retriever_dir)
         Catalogue(ds.item_raw_ids, ds.titles).save(path)
         logger.info("wrote the item catalogue of %s", retriever_dir)
-    return Catalogue.load(path)
+    verify(retriever_dir, CATALOGUE_FILE)
+    catalogue = Catalogue.load(path)
+    if n_items is not None and catalogue.n_items != n_items:
+        raise LlamarecError(f"{path}: {catalogue.n_items} items, but the retriever scores {n_items} "
+                            "(a catalogue of another run?)")
+    return catalogue
+
+
+def _n_candidates(retriever_dir: Path, n_items: int) -> int:
+    """The number of candidates the ranker was trained and tuned on (``k`` of the run's
+    candidates), 20 when the run has no candidates summary."""
+    from llamarec.configs import read_json_file
+    from llamarec.manifest import verify
+
+    path = retriever_dir / CANDIDATES_SUMMARY
+    if not path.is_file():
+        return 20
+    verify(retriever_dir, CANDIDATES_SUMMARY)
+    k = read_json_file(path).get("k")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_items:
+        raise LlamarecError(f"{path}: k is {k!r}; expected the number of candidates, 1 to {n_items}")
+    return k
 
 
 def _scoring(run_dir: Path) -> ScoringConfig:
     """How the run's evaluation scored (order, permutations, letter prior, fusion weight); a
     run not evaluated yet is served in the retriever's order, fused as it was trained."""
-    from llamarec.configs import validate
+    from llamarec.configs import read_json_file, validate
+    from llamarec.manifest import verify
 
     path = run_dir / PIPELINE_METRICS
     if path.is_file():
-        ranker = json.loads(path.read_text()).get("ranker", {})
+        verify(run_dir, PIPELINE_METRICS)
+        ranker = read_json_file(path).get("ranker", {})
+        if not isinstance(ranker, dict):
+            raise LlamarecError(f"{path}: ranker: expected a mapping (an edited or damaged file)")
         if "scoring" in ranker:
             return validate(ScoringConfig, ranker["scoring"], f"{path}: ranker.scoring")
-        return ScoringConfig(fusion_weight=ranker.get("fusion", {}).get("weight", float("inf")))
+        fusion = ranker.get("fusion", {})
+        weight = fusion.get("weight", float("inf")) if isinstance(fusion, dict) else None
+        return validate(ScoringConfig, {"fusion_weight": weight}, f"{path}: ranker.fusion.weight")
     train = run_dir / RANKER_DIR / RANK_TRAIN_METRICS
     if train.is_file():
-        metrics = json.loads(train.read_text())
+        verify(train.parent, RANK_TRAIN_METRICS)
+        metrics = read_json_file(train)
         temperatures = metrics.get("retriever_temperatures") or {}
-        if "val" in temperatures:
-            return ScoringConfig(fusion_weight=metrics["residual_weight"], retriever_temperature=temperatures["val"])
+        if isinstance(temperatures, dict) and "val" in temperatures:
+            return validate(ScoringConfig, {"fusion_weight": metrics.get("residual_weight"),
+                                            "retriever_temperature": temperatures["val"]}, str(train))
     return ScoringConfig()

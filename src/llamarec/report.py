@@ -4,11 +4,11 @@ the true item."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 
+from llamarec.configs import read_json_file
 from llamarec.errors import LlamarecError
 from llamarec.io import atomic_path, write_text
 from llamarec.layout import (
@@ -20,6 +20,7 @@ from llamarec.layout import (
     RETRIEVER_CONFIG,
     RETRIEVER_DIR,
 )
+from llamarec.manifest import verify
 
 METRICS = ("MRR@1", "NDCG@5", "NDCG@10", "Recall@5", "Recall@10", "MRR@10")
 METHODS = {"retriever": "Retriever", "ranker": "LlamaRec (ranker)", "fusion": "LlamaRec + fusion"}
@@ -77,9 +78,14 @@ def _plots(run_dir: Path, metrics: dict) -> list[str]:
     # How far the ranker moved the true item.
     ranks_path = run_dir / RANKER_DIR / EVAL_DIR / EVAL_RANKS
     if ranks_path.is_file():
-        ranks = pd.read_csv(ranks_path)
-        test = ranks[ranks["split"] == "test"]
-        moved = test["retriever_rank"] - test["ranker_rank"]
+        verify(ranks_path.parent, EVAL_RANKS)
+        try:
+            ranks = pd.read_csv(ranks_path)
+            test = ranks[ranks["split"] == "test"]
+            moved = (test["retriever_rank"] - test["ranker_rank"]).astype(float)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise LlamarecError(f"{ranks_path}: not the per-user ranks of an evaluation "
+                                f"({type(exc).__name__}: {' '.join(str(exc).split())[:160]})") from None
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.hist(moved, bins=range(-20, 21), color="tab:blue", edgecolor="white")
         ax.set(title="Test: positions the ranker moved the true item up (+) or down (-)",
@@ -106,15 +112,38 @@ def _comparisons(test: dict) -> list[str]:
 def write_report(run_dir: Path) -> Path:
     """(Re)generate ``report.md`` and ``plots/`` from the run's saved metrics."""
     path = run_dir / PIPELINE_METRICS
+    if (run_dir / RETRIEVER_CONFIG).is_file() and not (run_dir / RETRIEVER_DIR).is_dir():
+        raise LlamarecError(f"{run_dir}: a retriever run; `llamarec report` reports runs of `llamarec run` "
+                            "(retriever, ranker and their evaluation)")
     if not path.is_file():
         raise LlamarecError(f"{run_dir}: no {PIPELINE_METRICS}; the run has not been evaluated yet")
-    metrics = json.loads(path.read_text())
+    verify(run_dir, PIPELINE_METRICS)
+    metrics = read_json_file(path)
+    config_path = run_dir / RETRIEVER_DIR / RETRIEVER_CONFIG
+    if not config_path.is_file():
+        raise LlamarecError(f"{run_dir / RETRIEVER_DIR}: not a retriever run ({RETRIEVER_CONFIG} missing)")
+    verify(config_path.parent, RETRIEVER_CONFIG)
+    retr_cfg = read_json_file(config_path).get("train")
+    if not isinstance(retr_cfg, dict) or not isinstance(retr_cfg.get("model"), str):
+        raise LlamarecError(f"{config_path}: no train.model (an edited or damaged config)")
+    try:
+        lines = _lines(metrics, retr_cfg)  # first, so that damaged metrics replace no plot
+        lines += [*(f"![{name}](plots/{name})" for name in _plots(run_dir, metrics)), ""]
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, ArithmeticError) as exc:
+        what = f"no {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+        raise LlamarecError(f"{path}: incomplete or damaged metrics ({what[:160]}); rerun the evaluation "
+                            "(`llamarec run --force evaluate`)") from None
+    out = run_dir / REPORT_FILE
+    write_text(out, "\n".join(lines))
+    return out
+
+
+def _lines(metrics: dict, retr_cfg: dict) -> list[str]:
+    """The report's text up to its plots."""
     data, ranker = metrics["data"], metrics["ranker"]
-    retr_cfg = json.loads((run_dir / RETRIEVER_DIR / RETRIEVER_CONFIG).read_text())["train"]
     test = ranker["test"]
-    plots = _plots(run_dir, metrics)
     rt = metrics["ranker_training"]
-    lines = [
+    return [
         f"# llamarec run: {data['dataset']}",
         "",
         f"{data['users']:,} users, {data['items']:,} items, {data['interactions']:,} interactions "
@@ -144,9 +173,4 @@ def write_report(run_dir: Path) -> Path:
         *_comparisons(test),
         "## Plots",
         "",
-        *[f"![{name}](plots/{name})" for name in plots],
-        "",
     ]
-    out = run_dir / REPORT_FILE
-    write_text(out, "\n".join(lines))
-    return out

@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 
-from llamarec.configs import read_config_file, validate
+from llamarec.configs import read_config_file, read_json_file, validate
 from llamarec.errors import LlamarecError
 from llamarec.io import write_json, write_text
 from llamarec.layout import (
@@ -36,6 +36,7 @@ from llamarec.layout import (
     STAGES_FILE,
     STARTED_FILE,
 )
+from llamarec.manifest import record
 from llamarec.ranking.config import RankConfig
 from llamarec.retrieval.config import RetrievalConfig
 
@@ -127,11 +128,11 @@ class Runner:
         self.out.mkdir(parents=True, exist_ok=True)
         write_text(self.out / PIPELINE_CONFIG, yaml.safe_dump(json.loads(self.cfg.model_dump_json()), sort_keys=False))
         state_path = self.out / STAGES_FILE
-        done: dict[str, str] = json.loads(state_path.read_text()) if state_path.is_file() else {}
+        done: dict[str, str] = read_json_file(state_path) if state_path.is_file() else {}
         started_path = self.out / STARTED_FILE
         # The stage an earlier run was interrupted in, and its key then: resumed if unchanged,
         # started afresh if its config changed since.
-        started: dict[str, str] = json.loads(started_path.read_text()) if started_path.is_file() else {}
+        started: dict[str, str] = read_json_file(started_path) if started_path.is_file() else {}
         keys, redo = self.keys(), False
         steps: dict[str, Callable[[], str]] = {
             "data": self._data, "retriever": self._retriever, "candidates": self._candidates,
@@ -158,7 +159,7 @@ class Runner:
             done[stage] = keys[stage]
             write_json(state_path, done)
             started_path.unlink()
-        return json.loads((self.out / PIPELINE_METRICS).read_text())
+        return read_json_file(self.out / PIPELINE_METRICS)
 
     def _clear(self, stage: str) -> None:
         """Remove what a stage wrote so it starts afresh (its config changed or was forced)."""
@@ -177,6 +178,7 @@ class Runner:
         ds = load_dataset(self.cfg.dataset, self.cfg.data_dir)
         stats = ds.stats()
         write_json(self.out / DATA_STATS, stats)
+        record(self.out, self.out / DATA_STATS)
         return f"{stats['users']:,} users, {stats['items']:,} items, {stats['interactions']:,} interactions"
 
     def _retriever(self) -> str:
@@ -208,12 +210,13 @@ class Runner:
                                   limit=e.limit, out=self.out / RANKER_DIR / EVAL_DIR,
                                   calibrate=e.calibrate)
         metrics = {
-            "data": json.loads((self.out / DATA_STATS).read_text()),
-            "retriever": json.loads((self.out / RETRIEVER_DIR / RETRIEVER_METRICS).read_text()),
-            "ranker_training": json.loads((self.out / RANKER_DIR / RANK_TRAIN_METRICS).read_text()),
+            "data": read_json_file(self.out / DATA_STATS),
+            "retriever": read_json_file(self.out / RETRIEVER_DIR / RETRIEVER_METRICS),
+            "ranker_training": read_json_file(self.out / RANKER_DIR / RANK_TRAIN_METRICS),
             "ranker": results,
         }
         write_json(self.out / PIPELINE_METRICS, metrics)
+        record(self.out, self.out / PIPELINE_METRICS)
         t = results["test"]["overall"]
         return ("test overall NDCG@10 retriever {:.4f}, ranker {:.4f}, fusion {:.4f}".format(
             t["retriever"]["NDCG@10"], t["ranker"]["NDCG@10"], t["fusion"]["NDCG@10"]))

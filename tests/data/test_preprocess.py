@@ -194,7 +194,7 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     target = tmp_path / "out" / "n"
     ds.save(target)
     assert sorted(p.name for p in target.iterdir()) == [
-        "interactions.parquet", "items.parquet", "meta.json", "users.parquet"]
+        "interactions.parquet", "items.parquet", "manifest.json", "meta.json", "users.parquet"]
     for name in ("interactions.parquet", "items.parquet", "users.parquet"):
         assert (target / name).read_bytes()[:4] == b"PAR1"
     meta = json.loads((target / "meta.json").read_text(encoding="utf-8"))
@@ -214,6 +214,9 @@ def test_load_rejects_unknown_format_version_and_missing_files(tmp_path: Path) -
     ds.save(tmp_path / "d")
     meta = json.loads((tmp_path / "d" / "meta.json").read_text())
     (tmp_path / "d" / "meta.json").write_text(json.dumps({**meta, "format_version": 99}))
+    with pytest.raises(LlamarecError, match="meta.json: .*mismatch with manifest.json"):
+        Dataset.load(tmp_path / "d")
+    (tmp_path / "d" / "manifest.json").unlink()  # a cache entry from before manifests
     with pytest.raises(LlamarecError, match="format_version 99 is not 1"):
         Dataset.load(tmp_path / "d")
     (tmp_path / "d" / "users.parquet").unlink()

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 from llamarec.data.dataset import FORMAT_VERSION, Dataset
 from llamarec.data.preprocess import preprocess
 from llamarec.data.registry import DATASETS, get_spec, locate
+from llamarec.errors import LlamarecError
 from llamarec.fetch import cache_dir, sha256_of
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["DATASETS", "Dataset", "load_dataset", "load_run_dataset", "processed_dir"]
 
@@ -38,7 +42,10 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, min_uc: int =
     data_dir = Path(data_dir) if data_dir is not None else None
     cached, root = processed_dir(name, data_dir, min_uc=min_uc, min_sc=min_sc)
     if (cached / "meta.json").is_file():
-        return Dataset.load(cached)
+        try:
+            return Dataset.load(cached)
+        except LlamarecError as exc:  # a damaged cache entry is rebuilt from the raw files
+            logger.warning("rebuilding the processed dataset: %s", exc)
     _, fmt = locate(get_spec(name), root)
     ds = preprocess(fmt.read(root), name, min_uc=min_uc, min_sc=min_sc)
     ds.params["raw_dir"] = str(root)
@@ -48,10 +55,11 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, min_uc: int =
 
 def load_run_dataset(retriever_dir: str | Path) -> Dataset:
     """The dataset a retriever run was trained on, as its config file names it."""
-    from llamarec.errors import LlamarecError
     from llamarec.layout import RETRIEVER_CONFIG
+    from llamarec.manifest import verify
 
     path = Path(retriever_dir) / RETRIEVER_CONFIG
+    verify(Path(retriever_dir), RETRIEVER_CONFIG)
     try:
         train = json.loads(path.read_text(encoding="utf-8"))["train"]
         return load_dataset(train["dataset"], train.get("data_dir"), min_uc=train.get("min_uc", 5),

@@ -11,6 +11,7 @@ import pandas as pd
 
 from llamarec.errors import LlamarecError
 from llamarec.io import atomic_dir, write_json
+from llamarec.manifest import record, verify
 
 FORMAT_VERSION = 1
 
@@ -69,28 +70,38 @@ class Dataset:
             users.to_parquet(tmp / "users.parquet", index=False)
             write_json(tmp / "meta.json", {"format_version": FORMAT_VERSION, "name": self.name,
                                            "params": self.params, "stats": self.stats()})
+            record(tmp, tmp)
 
     @classmethod
     def load(cls, directory: Path) -> Dataset:
+        """Read a processed dataset written by :meth:`save`, checked against its manifest; a
+        damaged one is a :class:`LlamarecError` (the cache rebuilds it, see ``load_dataset``)."""
         meta_path = directory / "meta.json"
+        verify(directory, ".")
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
             inter = pd.read_parquet(directory / "interactions.parquet")
             items = pd.read_parquet(directory / "items.parquet")
             users = pd.read_parquet(directory / "users.parquet")
-        except (OSError, ValueError) as exc:
-            raise LlamarecError(f"{directory}: not a readable processed dataset ({exc})") from None
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise LlamarecError(f"{meta_path}: format_version {meta.get('format_version')!r} "
-                                f"is not {FORMAT_VERSION}")
-        inter = inter.sort_values(["user", "order"], kind="stable")
-        splits = np.cumsum(inter.groupby("user").size().to_numpy())[:-1]
-        sequences = np.split(inter["item"].to_numpy(np.int64), splits)
-        return cls(
-            name=meta["name"],
-            sequences=list(sequences),
-            titles=["", *items["title"].tolist()],
-            item_raw_ids=["", *items["raw_id"].tolist()],
-            user_raw_ids=users["raw_id"].tolist(),
-            params=meta["params"],
-        )
+            if meta.get("format_version") != FORMAT_VERSION:
+                raise LlamarecError(f"{meta_path}: format_version {meta.get('format_version')!r} "
+                                    f"is not {FORMAT_VERSION}")
+            inter = inter.sort_values(["user", "order"], kind="stable")
+            splits = np.cumsum(inter.groupby("user").size().to_numpy())[:-1]
+            sequences = np.split(inter["item"].to_numpy(np.int64), splits)
+            ds = cls(
+                name=str(meta["name"]),
+                sequences=list(sequences),
+                titles=["", *items["title"].astype(str).tolist()],
+                item_raw_ids=["", *items["raw_id"].astype(str).tolist()],
+                user_raw_ids=users["raw_id"].astype(str).tolist(),
+                params=dict(meta["params"]),
+            )
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+            reason = f"no {exc}" if isinstance(exc, KeyError) else " ".join(str(exc).split())[:160]
+            raise LlamarecError(f"{directory}: not a readable processed dataset ({reason})") from None
+        if len(ds.sequences) != len(ds.user_raw_ids) or any(
+                len(s) and (s.min() < 1 or s.max() > ds.n_items) for s in ds.sequences):
+            raise LlamarecError(f"{directory}: not a consistent processed dataset (users or item ids "
+                                "do not match its tables)")
+        return ds

@@ -7,7 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from llamarec.configs import validate
+from llamarec.configs import read_json_config, validate
+from llamarec.layout import ADAPTER_DIR, PROMPT_FILE, RANK_CONFIG
 from llamarec.ranking.prompt import PromptConfig
 
 
@@ -66,3 +67,13 @@ class RankConfig(BaseModel):
     def lora_targets(self) -> list[str] | str:
         """``target_modules`` as peft takes it (``["all-linear"]`` becomes peft's keyword)."""
         return "all-linear" if self.target_modules == ["all-linear"] else self.target_modules
+
+
+def verify_ranker_run(rank_dir: Path, adapter: bool = True) -> None:
+    """Before a ranker run is loaded: its config, prompt and (with ``adapter``) adapter files
+    match its manifest, and its prompt file validates; one line naming the file otherwise."""
+    from llamarec.manifest import verify
+
+    verify(rank_dir, RANK_CONFIG, PROMPT_FILE, *((ADAPTER_DIR,) if adapter else ()))
+    if (rank_dir / PROMPT_FILE).is_file():
+        read_json_config(PromptConfig, rank_dir / PROMPT_FILE)

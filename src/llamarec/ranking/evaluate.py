@@ -20,7 +20,9 @@ from llamarec.data import load_run_dataset
 from llamarec.errors import LlamarecError
 from llamarec.io import atomic_path, write_json
 from llamarec.layout import EVAL_METRICS, EVAL_RANKS
+from llamarec.manifest import record
 from llamarec.metrics import metrics_from_ranks, overall_metrics, paired_bootstrap, per_user_metric, target_ranks
+from llamarec.ranking.config import verify_ranker_run
 from llamarec.ranking.examples import RankExample, evaluation_examples
 from llamarec.ranking.ranker import Ranker, load_ranker, read_rank_config
 from llamarec.ranking.scoring import (
@@ -99,6 +101,7 @@ def evaluate_ranker(rank_dir: Path, *, zero_shot: bool = False, order: Order = "
     bfloat16 with float32 scoring); ``calibrate`` subtracts the letter prior estimated on the
     validation users.
     """
+    verify_ranker_run(rank_dir, adapter=not zero_shot)
     cfg = read_rank_config(rank_dir)
     ds = load_run_dataset(cfg.retriever)
     ranker = load_ranker(rank_dir, ds.titles, zero_shot=zero_shot, dtype=dtype)
@@ -148,6 +151,8 @@ def evaluate_ranker(rank_dir: Path, *, zero_shot: bool = False, order: Order = "
                              + (f"-limit{limit}" if limit else ""))
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / EVAL_METRICS, results)
+    record(out, out / EVAL_METRICS)
     with atomic_path(out / EVAL_RANKS) as tmp:
         pd.DataFrame(rows).to_csv(tmp, index=False)
+    record(out, out / EVAL_RANKS)
     return results

@@ -20,11 +20,13 @@ import torch
 from tqdm.auto import tqdm
 
 from llamarec.candidates import load_candidates, load_train_candidates
-from llamarec.checkpoint import check_same_config, load_training_state, save_training_state
+from llamarec.checkpoint import check_same_config, load_training_state, restore_state, restoring, save_training_state
+from llamarec.configs import read_json_file
 from llamarec.data import load_run_dataset
 from llamarec.errors import LlamarecError
 from llamarec.io import atomic_dir, write_json
 from llamarec.layout import ADAPTER_DIR, LAST_CHECKPOINT, PROMPT_FILE, RANK_CONFIG, RANK_TRAIN_METRICS
+from llamarec.manifest import record
 from llamarec.metrics import metrics_from_ranks, target_ranks
 from llamarec.ranking.config import RankConfig
 from llamarec.ranking.examples import RankExample, evaluation_examples, hard_negative_examples, paper_examples
@@ -182,6 +184,7 @@ class Finetuner:
         with atomic_dir(self.out / ADAPTER_DIR) as tmp:
             self.model.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
+        record(self.out, self.out / ADAPTER_DIR)
 
     def _save_last(self) -> None:
         from peft import get_peft_model_state_dict
@@ -191,24 +194,30 @@ class Finetuner:
                                 {"torch": torch.get_rng_state()}, self.state.__dict__)
 
     def _resume(self) -> bool:
-        from peft import set_peft_model_state_dict
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
         restored = load_training_state(self.out / LAST_CHECKPOINT, self.optimizer)
         if restored is None:
             return False
         weights, rng, state = restored
-        self.state = FinetuneState(**state)
-        set_peft_model_state_dict(self.model, weights)
-        torch.set_rng_state(rng["torch"])
+        self.state = restore_state(FinetuneState, state, self.out / LAST_CHECKPOINT)
+        with restoring(self.out / LAST_CHECKPOINT):
+            expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(self.model).items()}
+            if {k: tuple(v.shape) for k, v in weights.items()} != expected:  # peft would skip what does not fit
+                raise ValueError("its adapter weights do not fit this ranker's LoRA layers")
+            set_peft_model_state_dict(self.model, weights)
+            torch.set_rng_state(rng["torch"])
         return True
 
     def _check_config(self) -> None:
         path = self.out / RANK_CONFIG
         current = json.loads(self.cfg.model_dump_json())
-        saved = json.loads(path.read_text()) if path.is_file() else None
+        saved = read_json_file(path) if path.is_file() else None
         check_same_config(self.out, saved, current, "ranker run")
         write_json(path, current)
+        record(self.out, path)
         write_json(self.out / PROMPT_FILE, self.prompt_cfg.model_dump())
+        record(self.out, self.out / PROMPT_FILE)
 
     def run(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -258,6 +267,7 @@ class Finetuner:
                    "residual_weight": cfg.residual_weight,
                    "retriever_temperatures": self.temperatures, "history": st.history}
         write_json(self.out / RANK_TRAIN_METRICS, metrics)
+        record(self.out, self.out / RANK_TRAIN_METRICS)
         return metrics
 
 

@@ -19,7 +19,8 @@ from llamarec.checkpoint import save_tensors
 from llamarec.data.split import eval_examples
 from llamarec.errors import LlamarecError
 from llamarec.io import write_json
-from llamarec.layout import CANDIDATES_FILE, CANDIDATES_SUMMARY, CATALOGUE_FILE
+from llamarec.layout import CANDIDATES_FILE, CANDIDATES_SUMMARY, CATALOGUE_FILE, RETRIEVER_MODEL
+from llamarec.manifest import record
 from llamarec.metrics import metrics_from_ranks
 from llamarec.retrieval.evaluate import evaluate_ranks, top_k
 from llamarec.retrieval.train import load_retriever
@@ -45,6 +46,7 @@ def generate_candidates(run_dir: Path, k: int = 20, train_prefixes: int = 0, see
     for split in ("val", "test"):
         histories, targets = eval_examples(ds, split)
         items, scores = top_k(model, histories, k, cfg.max_len, cfg.eval_batch_size)
+        _check_finite(scores, run_dir)
         ranks = evaluate_ranks(model, histories, targets, cfg.max_len, cfg.eval_batch_size)
         # A re-consumed target (already in the history) stays scorable in the full ranking but,
         # like every history item, is never a candidate: count it as a miss (rank >= k), so that
@@ -61,6 +63,7 @@ def generate_candidates(run_dir: Path, k: int = 20, train_prefixes: int = 0, see
         users, positions = _sample_prefixes(ds.sequences, train_prefixes, seed)
         histories = [ds.sequences[u][:p] for u, p in zip(users, positions)]
         items, scores = top_k(model, histories, k, cfg.max_len, cfg.eval_batch_size)
+        _check_finite(scores, run_dir)
         targets = np.array([ds.sequences[u][p] for u, p in zip(users, positions)], dtype=np.int64)
         for name, value in (("users", users), ("positions", positions), ("items", items),
                             ("scores", scores), ("targets", targets)):
@@ -68,10 +71,20 @@ def generate_candidates(run_dir: Path, k: int = 20, train_prefixes: int = 0, see
         summary["train"] = {"prefixes": len(users),
                             "target_in_candidates": float((items == targets[:, None]).any(1).mean())}
     save_tensors(run_dir / CANDIDATES_FILE, tensors)
+    record(run_dir, run_dir / CANDIDATES_FILE)
     if not (run_dir / CATALOGUE_FILE).is_file():  # runs trained before runs carried a catalogue
         Catalogue(ds.item_raw_ids, ds.titles).save(run_dir / CATALOGUE_FILE)
+        record(run_dir, run_dir / CATALOGUE_FILE)
     write_json(run_dir / CANDIDATES_SUMMARY, summary)
+    record(run_dir, run_dir / CANDIDATES_SUMMARY)
     return summary
+
+
+def _check_finite(scores: np.ndarray, run_dir: Path) -> None:
+    """Candidates are never written with NaN or infinite scores (damaged weights)."""
+    if not np.isfinite(scores).all():
+        raise LlamarecError(f"{run_dir / RETRIEVER_MODEL}: the retriever gives NaN or infinite scores, so no "
+                            "candidates were written (its weights are damaged; retrain it)")
 
 
 def _sample_prefixes(sequences: list[np.ndarray], n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

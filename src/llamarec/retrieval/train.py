@@ -12,12 +12,23 @@ import torch
 from tqdm.auto import tqdm
 
 from llamarec.catalogue import Catalogue
-from llamarec.checkpoint import check_same_config, load_tensors, load_training_state, save_tensors, save_training_state
+from llamarec.checkpoint import (
+    check_same_config,
+    load_tensors,
+    load_training_state,
+    restore_state,
+    restoring,
+    save_tensors,
+    save_training_state,
+)
+from llamarec.configs import read_json_file
 from llamarec.data import Dataset, load_dataset, load_run_dataset
 from llamarec.data.split import eval_examples, train_sequence
 from llamarec.devices import resolve_device
+from llamarec.errors import LlamarecError
 from llamarec.io import write_json
 from llamarec.layout import CATALOGUE_FILE, LAST_CHECKPOINT, RETRIEVER_CONFIG, RETRIEVER_METRICS, RETRIEVER_MODEL
+from llamarec.manifest import record
 from llamarec.retrieval.config import RetrievalConfig
 from llamarec.retrieval.evaluate import evaluate
 from llamarec.retrieval.load import load_retriever_model
@@ -76,12 +87,17 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------
     def _check_config(self) -> None:
         path = self.out / RETRIEVER_CONFIG
-        saved = json.loads(path.read_text())["train"] if path.is_file() else None
+        saved = read_json_file(path).get("train") if path.is_file() else None
+        if path.is_file() and not isinstance(saved, dict):
+            raise LlamarecError(f"{path}: no 'train' section (an edited or damaged config); restore it or use "
+                                "another --out")
         current = json.loads(self.cfg.model_dump_json())
         check_same_config(self.out, saved, current, "run")
         write_json(path, {"train": current, "model": model_config(self.cfg, self.ds.n_items).to_dict(),
                           "data": self.ds.stats()})
+        record(self.out, path)
         Catalogue(self.ds.item_raw_ids, self.ds.titles).save(self.out / CATALOGUE_FILE)
+        record(self.out, self.out / CATALOGUE_FILE)
 
     def _save_last(self) -> None:
         rng = {"torch": torch.get_rng_state(), "mask": self.mask_rng.get_state()}
@@ -95,12 +111,13 @@ class Trainer:
         if restored is None:
             return False
         weights, rng, state = restored
-        self.state = TrainState(**state)
-        self.model.load_state_dict(weights)
-        torch.set_rng_state(rng["torch"])
-        self.mask_rng.set_state(rng["mask"])
-        if self.device.type == "cuda" and "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        self.state = restore_state(TrainState, state, self.out / LAST_CHECKPOINT)
+        with restoring(self.out / LAST_CHECKPOINT):
+            self.model.load_state_dict(weights)
+            torch.set_rng_state(rng["torch"])
+            self.mask_rng.set_state(rng["mask"])
+            if self.device.type == "cuda" and "cuda" in rng:
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
         return True
 
     # -- loop ----------------------------------------------------------------------------------
@@ -113,6 +130,7 @@ class Trainer:
         if value > st.best:
             st.best, st.best_step, st.bad_evals = value, st.step, 0
             save_tensors(self.out / RETRIEVER_MODEL, self.model.state_dict(), {"step": st.step})
+            record(self.out, self.out / RETRIEVER_MODEL)
         else:
             st.bad_evals += 1
         if bar is not None:
@@ -175,6 +193,7 @@ class Trainer:
                    "epochs": round(st.step / n_batches, 2), "train_seconds": round(st.seconds, 1),
                    "device": st.device, "history": st.history}
         write_json(self.out / RETRIEVER_METRICS, metrics)
+        record(self.out, self.out / RETRIEVER_METRICS)
         return metrics
 
 
