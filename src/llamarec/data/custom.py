@@ -12,6 +12,7 @@ from llamarec.data.tables import (
     read_table,
     reject_duplicates,
     require_nonempty,
+    shown_columns,
     to_number,
 )
 from llamarec.data.titles import clean_title, is_missing_title
@@ -62,7 +63,7 @@ def read_custom(root: Path, *, unescape_html: bool = True) -> RawData:
     if order is None:
         raise LlamarecError(
             f"{ipath}: needs a 'timestamp' or 'position' column to order each user's items; "
-            f"found {', '.join(c for c in frame.columns if c != '_line')}"
+            f"found {shown_columns(frame.columns)}"
         )
     for col in ("user_id", "item_id"):
         require_nonempty(frame, col, ipath)

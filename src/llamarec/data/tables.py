@@ -45,9 +45,16 @@ def read_text(path: Path, encoding: str = "utf-8") -> str:
             f"{path} line {line}: byte {data[exc.start]:#04x} is not valid {encoding}; "
             f"expected {encoding}-encoded text"
         ) from None
+    text = text.removeprefix("\ufeff")  # a byte-order mark (Excel's "CSV UTF-8")
     if not text.strip():
         raise LlamarecError(f"{path}: file is empty")
     return text
+
+
+def shown_columns(columns: Sequence[str]) -> str:
+    """Column names for a one-line message: a name with line breaks or other unprintable
+    characters is shown as a Python literal."""
+    return ", ".join(c if c.isprintable() else repr(c) for c in map(str, columns) if c != "_line")
 
 
 def read_table(
@@ -85,7 +92,7 @@ def read_table(
         raise LlamarecError(
             f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(columns)}"
             f"{' (and optionally ' + ', '.join(optional) + ')' if optional else ''}, "
-            f"found {', '.join(frame.columns)}"
+            f"found {shown_columns(frame.columns)}"
         )
     # A row starts one line after the previous row ends; a quoted field may span several lines.
     first = text[:lead].count("\n") + (1 if names else 2)
