@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -69,10 +70,12 @@ def _writing(dest: Path) -> Iterator[None]:
         raise LlamarecError(f"{dest}: cannot write ({exc.strerror or exc}); the previous version, "
                             "if any, is unchanged") from None
     except Exception as exc:
-        # safetensors reports I/O errors as its own type, naming the OS error in the message
-        if type(exc).__name__ == "SafetensorError" and "os error" in str(exc):
-            raise LlamarecError(f"{dest}: cannot write ({' '.join(str(exc).split())}); the previous "
-                                "version, if any, is unchanged") from None
+        # Libraries written in Rust (safetensors, tokenizers) raise their own types for I/O
+        # errors, naming the OS error: "... I/O error: File too large (os error 27)".
+        found = re.search(r"([^:]+?) \(os error \d+\)", str(exc))
+        if found:
+            raise LlamarecError(f"{dest}: cannot write ({found.group(1).strip()}); the previous version, if any, "
+                                "is unchanged") from None
         raise
 
 

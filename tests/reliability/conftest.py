@@ -20,7 +20,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # no
     terminalreporter.section("reliability suites")
     for suite, counts in sorted(TALLY.items()):
         detail = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-        terminalreporter.write_line(f"{suite}: {sum(counts.values())} cases ({detail})")
+        terminalreporter.write_line(f"{suite}: {detail}")
     log = os.environ.get("LLAMAREC_RELIABILITY_LOG")
     if log:
         with open(log, "a", encoding="utf-8") as fh:
