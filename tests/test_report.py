@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from llamarec.errors import LlamarecError
+from llamarec.manifest import forget
 from llamarec.report import METHODS, METRICS, write_report
 
 
@@ -73,6 +74,9 @@ def test_the_report_links_plots_that_exist(run: Path) -> None:
 
 def test_without_per_user_ranks_the_rank_shift_plot_is_left_out(run: Path) -> None:
     (run / "ranker" / "eval" / "ranks.csv").unlink()
+    with pytest.raises(LlamarecError, match="ranks.csv: missing, though manifest.json lists it"):
+        write_report(run)
+    forget(run / "ranker" / "eval", run / "ranker" / "eval" / "ranks.csv")  # evaluated before ranks were saved
     text = write_report(run).read_text()
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert sorted(links) == ["plots/metrics.png", "plots/training_curves.png"]
@@ -86,6 +90,9 @@ def test_the_report_is_regenerated_the_same(run: Path) -> None:
 
 def test_no_metrics_is_an_error(run: Path, tmp_path: Path) -> None:
     (run / "metrics.json").unlink()
+    with pytest.raises(LlamarecError, match="metrics.json: missing, though manifest.json lists it"):
+        write_report(run)
+    forget(run, run / "metrics.json")  # a run not evaluated yet
     with pytest.raises(LlamarecError, match="no metrics.json; the run has not been evaluated yet"):
         write_report(run)
     assert not (run / "report.md").exists()

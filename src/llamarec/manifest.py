@@ -77,11 +77,20 @@ def record(directory: str | Path, path: str | Path) -> None:
     write_json(directory / MANIFEST_FILE, {"format": FORMAT, "files": dict(sorted(files.items()))})
 
 
-def verify(directory: str | Path, *names: str) -> None:
-    """Check ``names`` (files or directories relative to ``directory``) against the manifest.
+def forget(directory: str | Path, path: str | Path) -> None:
+    """Drop ``path`` (a file, or everything under a directory) from the manifest, for a writer
+    that removes it to make it afresh."""
+    directory, path = Path(directory), Path(path)
+    files = _read(directory)
+    rel = _relative(directory, path)
+    if files is not None and any(_under(k, rel) for k in files):
+        write_json(directory / MANIFEST_FILE, {"format": FORMAT, "files": {
+            k: v for k, v in files.items() if not _under(k, rel)}})
 
-    A file listed under a named directory must exist; a named file that is missing is left to
-    its loader, which says how to make it."""
+
+def verify(directory: str | Path, *names: str) -> None:
+    """Check ``names`` (files or directories relative to ``directory``) against the manifest:
+    every file it lists under them must exist with its sha256 and size."""
     directory = Path(directory)
     files = _read(directory)
     if files is None:
@@ -91,8 +100,6 @@ def verify(directory: str | Path, *names: str) -> None:
         for key in sorted(k for k in files if _under(k, rel)):
             path = directory / key
             if not path.is_file():
-                if key == rel:
-                    continue
                 raise LlamarecError(f"{path}: missing, though {MANIFEST_FILE} lists it (deleted? "
                                     "retrain or restore it)")
             entry = files[key]

@@ -222,9 +222,9 @@ def _n_candidates(retriever_dir: Path, n_items: int) -> int:
     from llamarec.manifest import verify
 
     path = retriever_dir / CANDIDATES_SUMMARY
+    verify(retriever_dir, CANDIDATES_SUMMARY)
     if not path.is_file():
         return 20
-    verify(retriever_dir, CANDIDATES_SUMMARY)
     k = read_json_file(path).get("k")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_items:
         raise LlamarecError(f"{path}: k is {k!r}; expected the number of candidates, 1 to {n_items}")
@@ -238,8 +238,8 @@ def _scoring(run_dir: Path) -> ScoringConfig:
     from llamarec.manifest import verify
 
     path = run_dir / PIPELINE_METRICS
+    verify(run_dir, PIPELINE_METRICS)
     if path.is_file():
-        verify(run_dir, PIPELINE_METRICS)
         ranker = read_json_file(path).get("ranker", {})
         if not isinstance(ranker, dict):
             raise LlamarecError(f"{path}: ranker: expected a mapping (an edited or damaged file)")
@@ -249,8 +249,8 @@ def _scoring(run_dir: Path) -> ScoringConfig:
         weight = fusion.get("weight", float("inf")) if isinstance(fusion, dict) else None
         return validate(ScoringConfig, {"fusion_weight": weight}, f"{path}: ranker.fusion.weight")
     train = run_dir / RANKER_DIR / RANK_TRAIN_METRICS
+    verify(train.parent, RANK_TRAIN_METRICS)
     if train.is_file():
-        verify(train.parent, RANK_TRAIN_METRICS)
         metrics = read_json_file(train)
         temperatures = metrics.get("retriever_temperatures") or {}
         if isinstance(temperatures, dict) and "val" in temperatures:

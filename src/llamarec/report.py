@@ -77,8 +77,8 @@ def _plots(run_dir: Path, metrics: dict) -> list[str]:
     names.append("metrics.png")
     # How far the ranker moved the true item.
     ranks_path = run_dir / RANKER_DIR / EVAL_DIR / EVAL_RANKS
+    verify(ranks_path.parent, EVAL_RANKS)
     if ranks_path.is_file():
-        verify(ranks_path.parent, EVAL_RANKS)
         try:
             ranks = pd.read_csv(ranks_path)
             test = ranks[ranks["split"] == "test"]
@@ -115,9 +115,9 @@ def write_report(run_dir: Path) -> Path:
     if (run_dir / RETRIEVER_CONFIG).is_file() and not (run_dir / RETRIEVER_DIR).is_dir():
         raise LlamarecError(f"{run_dir}: a retriever run; `llamarec report` reports runs of `llamarec run` "
                             "(retriever, ranker and their evaluation)")
+    verify(run_dir, PIPELINE_METRICS)
     if not path.is_file():
         raise LlamarecError(f"{run_dir}: no {PIPELINE_METRICS}; the run has not been evaluated yet")
-    verify(run_dir, PIPELINE_METRICS)
     metrics = read_json_file(path)
     config_path = run_dir / RETRIEVER_DIR / RETRIEVER_CONFIG
     if not config_path.is_file():

@@ -36,7 +36,7 @@ from llamarec.layout import (
     STAGES_FILE,
     STARTED_FILE,
 )
-from llamarec.manifest import record
+from llamarec.manifest import forget, record
 from llamarec.ranking.config import RankConfig
 from llamarec.retrieval.config import RetrievalConfig
 
@@ -170,6 +170,7 @@ class Runner:
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
+                forget(path.parent, path)
 
     # -- stages ---------------------------------------------------------------------------------
     def _data(self) -> str:

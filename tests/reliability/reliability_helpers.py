@@ -29,6 +29,7 @@ def one_line_error(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.Monke
                    *args: object) -> tuple[int, str, str]:
     """Run ``llamarec ARGS`` through the console entry point in process; returns (exit code,
     stdout, stderr). A traceback or an exception other than SystemExit fails the test."""
+    capsys.readouterr()  # what the test printed before is not the command's output
     monkeypatch.setattr(sys, "argv", ["llamarec", *map(str, args)])
     monkeypatch.delenv("LLAMAREC_DEBUG", raising=False)
     code = 0
