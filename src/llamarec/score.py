@@ -191,14 +191,21 @@ def _retriever_dir(run_dir: Path) -> Path:
 def _run_settings(run_dir: Path) -> dict:
     """The ranker's prompt window, evaluation batch size and number of candidates (as
     ``Recommender.load`` sets it), read without loading a model."""
+    from llamarec.configs import read_json_file
+
     ranker = run_dir / RANKER_DIR
-    prompt = json.loads((ranker / PROMPT_FILE).read_text()) if (ranker / PROMPT_FILE).is_file() else {}
-    config = json.loads((ranker / RANK_CONFIG).read_text()) if (ranker / RANK_CONFIG).is_file() else {}
+    prompt = read_json_file(ranker / PROMPT_FILE) if (ranker / PROMPT_FILE).is_file() else {}
+    config = read_json_file(ranker / RANK_CONFIG) if (ranker / RANK_CONFIG).is_file() else {}
     has_ranker = (ranker / ADAPTER_DIR).is_dir()
     summary = _retriever_dir(run_dir) / CANDIDATES_SUMMARY
-    n_candidates = int(json.loads(summary.read_text())["k"]) if has_ranker and summary.is_file() else 20
-    return {"max_history": int(prompt.get("max_history", 20)), "n_candidates": n_candidates,
-            "batch_size": int(config.get("eval_batch_size", 8)) if has_ranker else 256}
+    try:
+        n_candidates = int(read_json_file(summary)["k"]) if has_ranker and summary.is_file() else 20
+        return {"max_history": int(prompt.get("max_history", 20)), "n_candidates": n_candidates,
+                "batch_size": int(config.get("eval_batch_size", 8)) if has_ranker else 256}
+    except (KeyError, TypeError, ValueError) as exc:  # an edited or damaged file of the run
+        raise LlamarecError(f"{run_dir}: cannot read the ranker's settings ({type(exc).__name__}: "
+                            f"{' '.join(str(exc).split())[:160]}); its prompt.json, rank_config.json or "
+                            "candidates.json is damaged") from None
 
 
 def run_fingerprint(run_dir: Path) -> str:

@@ -189,3 +189,17 @@ def test_a_garbage_processed_cache_entry_is_rebuilt_by_data_prepare(tiny_data_di
     code, again, err = one_line_error(capsys, monkeypatch, *args)
     assert code == 0 and json.loads(again) == json.loads(first)
     assert (cached / "items.parquet").read_bytes()[:4] == b"PAR1"
+
+
+@pytest.mark.parametrize(("name", "text", "message"), [
+    ("ranker/prompt.json", "{", "prompt.json: cannot read"),
+    ("ranker/rank_config.json", '{"eval_batch_size": "many"}', "cannot read the ranker's settings (ValueError"),
+    ("retriever/candidates.json", "[]", "candidates.json: expected a JSON object"),
+])
+def test_batch_scoring_of_a_damaged_run_is_one_error_line(own_tiny_run, capsys, monkeypatch, tmp_path: Path,
+                                                          name: str, text: str, message: str) -> None:
+    run = own_tiny_run()
+    drop_manifests(run)
+    (run / name).write_text(text)
+    line = error_line(capsys, monkeypatch, "score", "--run", run, "--out", tmp_path / "scores", "--device", "cpu")
+    assert message in line, line
