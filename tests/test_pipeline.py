@@ -239,3 +239,23 @@ def test_damaged_weights_are_an_error_not_nan_scores(copy_tiny_run) -> None:
     (run / "retriever" / "manifest.json").unlink()  # a run from before manifests: the scores are checked
     with pytest.raises(LlamarecError, match="NaN or infinite scores"):
         Recommender.load(run).recommend(HISTORY)
+
+
+def test_serving_imports_no_training_code(tiny_pipeline_run: Path) -> None:
+    """Loading a run and recommending never imports the trainers, evaluation or the runner."""
+    import os
+    import subprocess
+    import sys
+
+    training = ("llamarec.ranking.finetune", "llamarec.retrieval.train", "llamarec.ranking.evaluate",
+                "llamarec.retrieval.candidates", "llamarec.runner")
+    code = (
+        "import sys\n"
+        "from llamarec.pipeline import Recommender\n"
+        f"Recommender.load({str(tiny_pipeline_run)!r}).recommend(['3', 'Item 4'], k=3)\n"
+        f"print(' '.join(m for m in {training!r} if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == ""

@@ -33,6 +33,7 @@ LAST_CHECKPOINT = "last"
 # ranker run
 RANK_CONFIG = "rank_config.json"
 ADAPTER_DIR = "adapter"
+RANKER_SCALE_FILE = "ranker_scale.json"  # inside ADAPTER_DIR: a residual ranker's gate
 PROMPT_FILE = "prompt.json"  # the resolved prompt config the ranker was trained with
 RANK_TRAIN_METRICS = "train_metrics.json"
 

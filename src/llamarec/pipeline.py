@@ -255,5 +255,6 @@ def _scoring(run_dir: Path) -> ScoringConfig:
         temperatures = metrics.get("retriever_temperatures") or {}
         if isinstance(temperatures, dict) and "val" in temperatures:
             return validate(ScoringConfig, {"fusion_weight": metrics.get("residual_weight"),
+                                            "ranker_scale": metrics.get("ranker_scale", 1.0),
                                             "retriever_temperature": temperatures["val"]}, str(train))
     return ScoringConfig()

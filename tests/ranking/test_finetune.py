@@ -207,11 +207,13 @@ def test_letter_loss_is_a_softmax_over_the_candidates_letters(tiny_rank_config, 
 
 
 def test_residual_training_and_ranking_use_the_same_weight(tiny_rank_config, tmp_path):
-    """The loss is the softmax of letter logits + w x retriever log-probs (training prefixes'
-    temperature); validation, evaluation and the served run fuse with the same w (held-out
+    """The loss is the softmax of gate x letter logits + w x retriever log-probs (training
+    prefixes' temperature), the gate starting at 0 (the retriever alone); validation,
+    evaluation and the served run fuse with the same w and the learned gate (held-out
     temperature)."""
     from llamarec.ranking.evaluate import evaluate_ranker
     from llamarec.ranking.finetune import retriever_log_probs
+    from llamarec.ranking.ranker import read_ranker_scale
     from llamarec.ranking.scoring import fuse
 
     w = 2.5
@@ -220,24 +222,57 @@ def test_residual_training_and_ranking_use_the_same_weight(tiny_rank_config, tmp
     assert set(ft.temperatures) == {"train", "val"} and all(t > 0 for t in ft.temperatures.values())
     ft.model.eval()
     batch = ft.train[:3]
-    logits = letter_logits(ft, batch) + w * retriever_log_probs(batch, ft.temperatures["train"])
-    expected = torch.nn.functional.cross_entropy(logits, torch.tensor([ex.target for ex in batch]))
+    labels = torch.tensor([ex.target for ex in batch])
+    ret = w * retriever_log_probs(batch, ft.temperatures["train"])
+    assert ft.gate.item() == 0.0  # training starts from the retriever alone
+    assert ft._batch_loss(batch).item() == pytest.approx(torch.nn.functional.cross_entropy(ret, labels).item(),
+                                                         abs=1e-5)
+    with torch.no_grad():
+        ft.gate.fill_(0.7)
+    expected = torch.nn.functional.cross_entropy(0.7 * letter_logits(ft, batch) + ret, labels)
     assert ft._batch_loss(batch).item() == pytest.approx(expected.item(), abs=1e-5)
-    for changed in (1.0, 0.0):  # another weight changes the loss
-        ft.cfg = cfg.model_copy(update={"residual_weight": changed})
-        assert ft._batch_loss(batch).item() != pytest.approx(expected.item(), abs=1e-4)
+    ft.cfg = cfg.model_copy(update={"residual_weight": 1.0})  # another weight changes the loss
+    assert ft._batch_loss(batch).item() != pytest.approx(expected.item(), abs=1e-4)
     ft.cfg = cfg
+    with torch.no_grad():
+        ft.gate.zero_()
 
     metrics = ft.run()
+    assert ft.gate.item() != 0.0  # the gate learned
     assert metrics["residual_weight"] == w and metrics["retriever_temperatures"] == ft.temperatures
+    assert metrics["ranker_scale"] == read_ranker_scale(tmp_path / "rank")  # the best adapter's gate
     results = evaluate_ranker(tmp_path / "rank", out=tmp_path / "eval")
     assert results["fusion"]["weight"] == w and results["fusion"]["chosen_by"] == "residual training"
     assert results["scoring"]["fusion_weight"] == w
+    assert results["scoring"]["ranker_scale"] == metrics["ranker_scale"]
     assert results["scoring"]["retriever_temperature"] == pytest.approx(ft.temperatures["val"])
-    # validation scored exactly as evaluation ranks
+    # validation scores exactly as evaluation ranks: gate x logits fused with weight w
     scores = ft.ranker.score(ft.val, "retriever")
-    fused = fuse(scores, torch.tensor([ex.retriever_scores for ex in ft.val]), w, ft.temperatures["val"])
+    fused = fuse(ft.ranker_scale() * scores, torch.tensor([ex.retriever_scores for ex in ft.val]), w,
+                 ft.temperatures["val"])
     assert ranking_metrics(fused, ft.val) == pytest.approx({k: v for k, v in ft._validate().items()})
+
+
+def test_the_gate_resumes_with_its_optimizer_state(tiny_rank_config, tmp_path, monkeypatch):
+    cfg = tiny_rank_config(loss="letters", residual_weight=1.0, train_order="retriever")
+    straight = Finetuner(cfg, tmp_path / "a", progress=False)
+    straight.run()
+    original_loss = Finetuner._batch_loss
+    calls = {"n": 0}
+
+    def loss(self, examples):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise Interrupted
+        return original_loss(self, examples)
+
+    monkeypatch.setattr(Finetuner, "_batch_loss", loss)
+    with pytest.raises(Interrupted):
+        Finetuner(cfg, tmp_path / "b", progress=False).run()
+    monkeypatch.setattr(Finetuner, "_batch_loss", original_loss)
+    resumed = Finetuner(cfg, tmp_path / "b", progress=False)
+    resumed.run()
+    assert resumed.gate.item() == pytest.approx(straight.gate.item(), abs=1e-6)
 
 
 def test_residual_weight_needs_the_letter_loss(tiny_rank_config):

@@ -24,7 +24,7 @@ from llamarec.manifest import record
 from llamarec.metrics import metrics_from_ranks, overall_metrics, paired_bootstrap, per_user_metric, target_ranks
 from llamarec.ranking.config import verify_ranker_run
 from llamarec.ranking.examples import RankExample, evaluation_examples
-from llamarec.ranking.ranker import Ranker, load_ranker, read_rank_config
+from llamarec.ranking.ranker import Ranker, load_ranker, read_rank_config, read_ranker_scale
 from llamarec.ranking.scoring import (
     KS,
     Order,
@@ -113,16 +113,18 @@ def evaluate_ranker(rank_dir: Path, *, zero_shot: bool = False, order: Order = "
         if not examples[split]:
             raise LlamarecError(f"{cfg.retriever}: no {split} user has the target among the candidates")
     all_val = evaluation_examples(ds, load_candidates(cfg.retriever, "val"), "val", max_history=max_history)
+    residual = not zero_shot and cfg.residual_weight > 0
     scoring = ScoringConfig(
         order=order, permutations=permutations if order == "average" else 1, seed=seed,
+        ranker_scale=read_ranker_scale(rank_dir) if residual else 1.0,
         letter_prior=letter_prior(ranker, examples["val"], seed) if calibrate else None,
         retriever_temperature=fit_temperature(_retriever_scores(all_val), _labels(all_val)))
     llm = {split: ranker.rerank([ex.history for ex in exs], torch.tensor([ex.candidates for ex in exs]).numpy(),
                                 _retriever_scores(exs).numpy(), scoring)[0]
            for split, exs in examples.items()}
     val = examples["val"]
-    tuned, grid = tune_fusion(llm["val"], _retriever_scores(val), _labels(val), scoring.retriever_temperature)
-    residual = not zero_shot and cfg.residual_weight > 0
+    tuned, grid = tune_fusion(scoring.ranker_scale * llm["val"], _retriever_scores(val), _labels(val),
+                              scoring.retriever_temperature)
     scoring.fusion_weight = cfg.residual_weight if residual else tuned
     results: dict = {"ranker": str(rank_dir), "zero_shot": zero_shot, "order": order,
                      "dtype": str(next(ranker.model.parameters()).dtype).removeprefix("torch."),
@@ -132,7 +134,7 @@ def evaluate_ranker(rank_dir: Path, *, zero_shot: bool = False, order: Order = "
         cands = load_candidates(cfg.retriever, split)
         ret, labels = _retriever_scores(exs), _labels(exs)
         ranks = {"retriever": target_ranks(ret, labels), "ranker": target_ranks(llm[split], labels),
-                 "fusion": target_ranks(fuse(llm[split], ret, scoring.fusion_weight,
+                 "fusion": target_ranks(fuse(scoring.ranker_scale * llm[split], ret, scoring.fusion_weight,
                                              scoring.retriever_temperature), labels)}
         results[split] = {"users": len(cands.ranks), "valid_subset_users": int(cands.valid().sum()),
                           "evaluated_users": len(exs), **_views(cands, ranks),

@@ -25,15 +25,25 @@ from llamarec.configs import read_json_file
 from llamarec.data import load_run_dataset
 from llamarec.errors import LlamarecError
 from llamarec.io import atomic_dir, write_json
-from llamarec.layout import ADAPTER_DIR, LAST_CHECKPOINT, PROMPT_FILE, RANK_CONFIG, RANK_TRAIN_METRICS
+from llamarec.layout import (
+    ADAPTER_DIR,
+    LAST_CHECKPOINT,
+    PROMPT_FILE,
+    RANK_CONFIG,
+    RANK_TRAIN_METRICS,
+    RANKER_SCALE_FILE,
+)
 from llamarec.manifest import record
 from llamarec.metrics import metrics_from_ranks, target_ranks
 from llamarec.ranking.config import RankConfig
 from llamarec.ranking.examples import RankExample, evaluation_examples, hard_negative_examples, paper_examples
 from llamarec.ranking.llm import load_llm
-from llamarec.ranking.ranker import Ranker
+from llamarec.ranking.ranker import Ranker, read_ranker_scale
 from llamarec.ranking.scoring import fit_temperature, fuse
 from llamarec.ranking.verbalizer import next_token_logits
+
+GATE_KEY = "residual_gate"
+GATE_LR_SCALE = 10.0
 
 
 @dataclass
@@ -122,8 +132,14 @@ class Finetuner:
                 raise LlamarecError("residual_weight needs examples: hard (retriever scores of training prefixes)")
             self.temperatures = {"train": example_temperature(self.train),
                                  "val": example_temperature(evaluation_examples(self.ds, val_cands, "val"))}
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        # The residual's gate: the ranker's letter logits enter as gate x logits, the gate
+        # starting at 0, so training starts from the retriever alone and opens the gate only as
+        # far as the LLM's logits help. It learns GATE_LR_SCALE times faster than the adapter.
+        self.gate = torch.nn.Parameter(torch.zeros((), device=next(self.model.parameters()).device))
+        groups = [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+        if cfg.residual_weight > 0:
+            groups.append({"params": [self.gate], "lr_scale": GATE_LR_SCALE})
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
         # ``train_model`` is DDP-wrapped when several processes train; scoring and saving use
         # the plain peft model.
         self.train_model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
@@ -158,7 +174,7 @@ class Finetuner:
         letters = logits[:, self.ranker.letter_ids[:n]]
         if self.cfg.residual_weight > 0:
             ret = retriever_log_probs(examples, self.temperatures["train"]).to(letters.device)
-            letters = letters + self.cfg.residual_weight * ret
+            letters = self.gate * letters + self.cfg.residual_weight * ret
         return torch.nn.functional.cross_entropy(letters, torch.tensor([ex.target for ex in examples],
                                                                        device=self.device))
 
@@ -168,7 +184,7 @@ class Finetuner:
         scores = self.ranker.score(self.val, self.cfg.val_order, seed=self.cfg.seed)
         if self.cfg.residual_weight > 0:
             ret = torch.tensor([ex.retriever_scores for ex in self.val])
-            scores = fuse(scores, ret, self.cfg.residual_weight, self.temperatures["val"])
+            scores = fuse(self.ranker_scale() * scores, ret, self.cfg.residual_weight, self.temperatures["val"])
         metrics = ranking_metrics(scores, self.val)
         st = self.state
         st.history.append({"step": st.step, **metrics})
@@ -180,17 +196,23 @@ class Finetuner:
             st.bad_evals += 1
         return metrics
 
+    def ranker_scale(self) -> float:
+        """What the ranker's letter logits are multiplied by before fusion (the residual's gate)."""
+        return float(self.gate.detach()) if self.cfg.residual_weight > 0 else 1.0
+
     def _save_adapter(self) -> None:
         with atomic_dir(self.out / ADAPTER_DIR) as tmp:
             self.model.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
+            write_json(tmp / RANKER_SCALE_FILE, {"ranker_scale": self.ranker_scale()})
         record(self.out, self.out / ADAPTER_DIR)
 
     def _save_last(self) -> None:
         from peft import get_peft_model_state_dict
 
         if self.accelerator.is_main_process:
-            save_training_state(self.out / LAST_CHECKPOINT, get_peft_model_state_dict(self.model), self.optimizer,
+            weights = {**get_peft_model_state_dict(self.model), GATE_KEY: self.gate.detach()}
+            save_training_state(self.out / LAST_CHECKPOINT, weights, self.optimizer,
                                 {"torch": torch.get_rng_state()}, self.state.__dict__)
 
     def _resume(self) -> bool:
@@ -202,6 +224,8 @@ class Finetuner:
         weights, rng, state = restored
         self.state = restore_state(FinetuneState, state, self.out / LAST_CHECKPOINT)
         with restoring(self.out / LAST_CHECKPOINT):
+            with torch.no_grad():
+                self.gate.copy_(weights.pop(GATE_KEY))
             expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(self.model).items()}
             if {k: tuple(v.shape) for k, v in weights.items()} != expected:  # peft would skip what does not fit
                 raise ValueError("its adapter weights do not fit this ranker's LoRA layers")
@@ -235,7 +259,7 @@ class Finetuner:
         per_step = cfg.batch_size * cfg.grad_accum
         while not st.finished and st.step < self.total_steps:
             for group in self.optimizer.param_groups:
-                group["lr"] = self._lr(st.step)
+                group["lr"] = self._lr(st.step) * group.get("lr_scale", 1.0)
             losses = []
             for _ in range(cfg.grad_accum):
                 chunk = self.train[st.example:st.example + cfg.batch_size]
@@ -264,7 +288,7 @@ class Finetuner:
                    "examples": st.example * self.accelerator.num_processes, "train_seconds": round(st.seconds, 1),
                    "val_users": len(self.val), "val_order": cfg.val_order,
                    "random_order_val_NDCG@10": random_order_ndcg(len(self.val[0].candidates)),
-                   "residual_weight": cfg.residual_weight,
+                   "residual_weight": cfg.residual_weight, "ranker_scale": read_ranker_scale(self.out),
                    "retriever_temperatures": self.temperatures, "history": st.history}
         write_json(self.out / RANK_TRAIN_METRICS, metrics)
         record(self.out, self.out / RANK_TRAIN_METRICS)

@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from llamarec.configs import read_json_config
 from llamarec.errors import LlamarecError
-from llamarec.layout import ADAPTER_DIR, PROMPT_FILE, RANK_CONFIG
+from llamarec.layout import ADAPTER_DIR, PROMPT_FILE, RANK_CONFIG, RANKER_SCALE_FILE
 from llamarec.ranking.config import RankConfig
 from llamarec.ranking.examples import RankExample
 from llamarec.ranking.prompt import LETTERS, PromptBuilder, PromptConfig
@@ -106,7 +106,19 @@ class Ranker:
         if not torch.isfinite(llm).all():
             raise LlamarecError("the ranker returned NaN or infinite scores: its weights are damaged")
         ret = torch.as_tensor(np.asarray(retriever_scores), dtype=torch.float32)
-        return llm, fuse(llm, ret, scoring.fusion_weight, scoring.retriever_temperature)
+        return llm, fuse(scoring.ranker_scale * llm, ret, scoring.fusion_weight, scoring.retriever_temperature)
+
+
+def read_ranker_scale(rank_dir: Path) -> float:
+    """The factor on the ranker's letter logits before fusion: the gate a residual ranker
+    learned (saved with its adapter), 1 for any other ranker."""
+    path = rank_dir / ADAPTER_DIR / RANKER_SCALE_FILE
+    if not path.is_file():
+        return 1.0
+    try:
+        return float(json.loads(path.read_text(encoding="utf-8"))["ranker_scale"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LlamarecError(f"{path}: not a valid ranker scale ({' '.join(str(exc).split())})") from None
 
 
 def read_rank_config(rank_dir: Path) -> RankConfig:

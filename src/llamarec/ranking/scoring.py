@@ -5,8 +5,9 @@ averaging, letter-prior calibration and fusion with the retriever.
 serving reads it), so a run is always served the way it was evaluated.
 
 Fusion adds ``weight`` x the retriever's log-probabilities over the candidates (its scores
-divided by ``retriever_temperature``, then log-softmax) to the ranker's. A residually trained
-ranker (``residual_weight`` in its config) learned exactly this sum with its own ``weight``.
+divided by ``retriever_temperature``, then log-softmax) to the ranker's (its logits times
+``ranker_scale``). A residually trained ranker (``residual_weight`` in its config) learned
+exactly this sum with its own ``weight`` and its learned gate as ``ranker_scale``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class ScoringConfig(BaseModel):
     seed: int = 0
     letter_prior: list[float] | None = Field(
         None, description="per-position letter log-prior subtracted from the logits (calibration)")
+    ranker_scale: float = Field(1.0, description="factor on the ranker's logits (a residual ranker's gate)")
     fusion_weight: float = Field(float("inf"), ge=0.0)
     retriever_temperature: float = Field(1.0, gt=0.0)
 
