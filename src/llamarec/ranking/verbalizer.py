@@ -7,7 +7,8 @@ a softmax over them gives probabilities.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -116,21 +117,12 @@ class LetterScorer:
 
         The model runs in eval mode (no dropout) and is put back in its previous mode after.
         """
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            return self._score(prompts)
-        finally:
-            self.model.train(was_training)
+        return self.score_ids([encode(self.tokenizer, p) for p in prompts])
 
     def score_ids(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
         """:meth:`score` for prompts already tokenized (``encode(tokenizer, prompt)``)."""
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with self._eval_mode():
             return self._score_ids(sequences)
-        finally:
-            self.model.train(was_training)
 
     def score_shared_prefix(self, sequences: Sequence[Sequence[Sequence[int]]]) -> torch.Tensor:
         """``[K, B, n_letters]`` scores of ``sequences[k][b]``: K versions of each of B prompts
@@ -140,19 +132,22 @@ class LetterScorer:
         reused for all K suffixes, instead of K full forward passes; the scores equal
         :meth:`score_ids` of every sequence within floating-point tolerance.
         """
+        with self._eval_mode():
+            return self._score_shared_prefix(sequences)
+
+    @contextlib.contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        """The model in eval mode (no dropout), put back in its previous mode after."""
         was_training = self.model.training
         self.model.eval()
         try:
-            return self._score_shared_prefix(sequences)
+            yield
         finally:
             self.model.train(was_training)
 
     def _pad_id(self) -> int:
         pad_id = self.tokenizer.pad_token_id
         return 0 if pad_id is None else pad_id
-
-    def _score(self, prompts: Sequence[str]) -> torch.Tensor:
-        return self._score_ids([encode(self.tokenizer, p) for p in prompts])
 
     @torch.inference_mode()
     def _score_ids(self, encoded: Sequence[Sequence[int]]) -> torch.Tensor:
