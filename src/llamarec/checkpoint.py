@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from llamarec.configs import read_json_file
 from llamarec.errors import LlamarecError
-from llamarec.io import atomic_path, write_json
+from llamarec.io import atomic_dir, atomic_path, write_json
 
 T = TypeVar("T")
 
@@ -58,18 +58,24 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch
 
 def save_training_state(directory: Path, weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                         rng: dict[str, torch.Tensor], state: dict) -> None:
-    """A resumable checkpoint: trainable weights, optimizer state, RNG states and a JSON state."""
+    """A resumable checkpoint: trainable weights, optimizer state, RNG states and a JSON state.
+    The three files replace the previous checkpoint together (a directory swap), so that an
+    interruption never leaves the weights of one step with the state of another."""
     opt_tensors, opt_meta = optimizer_tensors(optimizer)
-    save_tensors(directory / "weights.safetensors", weights)
-    save_tensors(directory / "optimizer.safetensors",
-                 {**opt_tensors, **{f"rng.{k}": v for k, v in rng.items()}}, opt_meta)
-    write_json(directory / "state.json", state)
+    with atomic_dir(directory) as tmp:
+        save_tensors(tmp / "weights.safetensors", weights)
+        save_tensors(tmp / "optimizer.safetensors",
+                     {**opt_tensors, **{f"rng.{k}": v for k, v in rng.items()}}, opt_meta)
+        write_json(tmp / "state.json", state)
 
 
 def load_training_state(directory: Path, optimizer: torch.optim.Optimizer
                         ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict] | None:
     """Restore the optimizer from a checkpoint of :func:`save_training_state`; returns
     ``(weights, rng, state)``, or None when there is no checkpoint."""
+    previous = directory.with_name(f".{directory.name}.old")
+    if not (directory / "state.json").is_file() and (previous / "state.json").is_file():
+        directory = previous  # interrupted between the two renames of a checkpoint swap
     if not (directory / "state.json").is_file():
         return None
     try:

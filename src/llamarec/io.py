@@ -47,7 +47,10 @@ def atomic_dir(dest: str | os.PathLike[str]) -> Iterator[Path]:
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
         with _writing(dest):
-            yield tmp
+            try:
+                yield tmp
+            except LlamarecError as exc:  # a file written inside: name it by where it was going
+                raise LlamarecError(str(exc).replace(str(tmp), str(dest))) from None
             if dest.exists():
                 old = dest.with_name(f".{dest.name}.old")
                 shutil.rmtree(old, ignore_errors=True)

@@ -249,8 +249,10 @@ def test_sigkill_and_rerun_end_with_the_artifacts_of_an_uninterrupted_run(world:
                 (t / "cache").mkdir(parents=True)
             else:
                 shutil.copytree(calibrated["states"][BEFORE[command]], t)
+            drawn = []
             for _ in range(kills):
                 kill = draw_kill(rng, calibrated["events"][command], calibrated["seconds"][command])
+                drawn.append(kill)
                 result = server.run(t, args, kill=kill)
                 if result["code"] == -signal.SIGKILL:
                     outcomes[f"{command} killed"] += 1
@@ -269,7 +271,7 @@ def test_sigkill_and_rerun_end_with_the_artifacts_of_an_uninterrupted_run(world:
                 failures.append(f"{command}-{trial} rerun printed a traceback: {result['log'][-2000:]}")
             part = "cache/processed" if command == "data" else "run"
             diff = differences(reference / part, t / part)
-            failures += [f"{command}-{trial}: {d}" for d in diff]
+            failures += [f"{command}-{trial} (killed at {drawn}): {d}" for d in diff]
             outcomes["rerun identical to the uninterrupted run" if not diff else "rerun differs"] += 1
             outcomes["temporary files left by kills"] += hidden_files(t)
     kills = sum(v for k, v in outcomes.items() if k.endswith(" killed"))
