@@ -9,23 +9,15 @@ manifest does not list are not checked. The manifest itself is replaced atomical
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from llamarec.errors import LlamarecError
+from llamarec.fetch import sha256_of
 from llamarec.io import write_json
 from llamarec.layout import MANIFEST_FILE
 
 FORMAT = 1
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _read(directory: Path) -> dict[str, dict] | None:
@@ -73,7 +65,7 @@ def record(directory: str | Path, path: str | Path) -> None:
     else:
         found = [path]
     for file in found:
-        files[_relative(directory, file)] = {"sha256": sha256_file(file), "size": file.stat().st_size}
+        files[_relative(directory, file)] = {"sha256": sha256_of(file), "size": file.stat().st_size}
     write_json(directory / MANIFEST_FILE, {"format": FORMAT, "files": dict(sorted(files.items()))})
 
 
@@ -105,7 +97,7 @@ def verify(directory: str | Path, *names: str) -> None:
             entry = files[key]
             if path.stat().st_size != entry["size"]:
                 what = "size"
-            elif sha256_file(path) != entry["sha256"]:
+            elif sha256_of(path) != entry["sha256"]:
                 what = "sha256"
             else:
                 continue

@@ -140,6 +140,7 @@ def load_ranker(rank_dir: Path, titles: Sequence[str], *, zero_shot: bool = Fals
                                 load_in_4bit=cfg.load_in_4bit, gguf_file=cfg.gguf_file)
     if not zero_shot:
         from peft import PeftModel
+        from safetensors import SafetensorError
 
         adapter = rank_dir / ADAPTER_DIR
         if not adapter.is_dir():
@@ -149,9 +150,9 @@ def load_ranker(rank_dir: Path, titles: Sequence[str], *, zero_shot: bool = Fals
                                 "not loaded: they can run code)")
         try:
             model = PeftModel.from_pretrained(model, adapter).eval()
-        except (OSError, ValueError, RuntimeError) as exc:
+        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
             raise LlamarecError(f"{adapter}: cannot load the adapter ({' '.join(str(exc).split())[:200]})") from None
     path = rank_dir / PROMPT_FILE
-    prompt = (PromptConfig.model_validate(json.loads(path.read_text(encoding="utf-8"))) if path.is_file()
+    prompt = (read_json_config(PromptConfig, path) if path.is_file()
               else cfg.prompt_config())
     return Ranker(model, tokenizer, titles, prompt, batch_size or cfg.eval_batch_size)
