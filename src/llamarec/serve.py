@@ -31,7 +31,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPBearer
-from pydantic import BaseModel, Field, PlainValidator, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, Field, PlainValidator, WithJsonSchema
 
 from llamarec.errors import LlamarecError
 
@@ -197,28 +197,35 @@ class BatchWorker:
             return
         start = time.perf_counter()
         histories = [h for job in jobs for h in job.histories]
+        # Everything that touches the model's answer is inside the try: an exception here must
+        # fail this batch's requests, never end the worker thread (which would leave them, and
+        # every later request, waiting).
         try:
-            results = self.recommender.recommend_batch(histories, max(job.k for job in jobs))
+            results = list(self.recommender.recommend_batch(histories, max(job.k for job in jobs)))
+            if len(results) != len(histories):
+                raise RuntimeError(f"recommend_batch returned {len(results)} results for {len(histories)} histories")
+            ok = sum(r.error is None for r in results)
+            retrieve_ms = max((r.retrieval_ms for r in results), default=0.0) * ok
+            rank_ms = max((r.ranking_ms for r in results), default=0.0) * ok
+            outcomes, row = [], 0
+            for job in jobs:
+                mine = results[row:row + len(job.histories)]
+                row += len(job.histories)
+                for r in mine:
+                    del r.items[job.k:]
+                outcomes.append(BatchOutcome(mine, (start - job.enqueued) * 1000, retrieve_ms, rank_ms,
+                                             len(histories)))
         except Exception as exc:  # noqa: BLE001 - every waiting request must hear about it
             logger.exception("recommend_batch failed")
             self.count("errors")
             for job in jobs:
                 self._settle(job, None, exc)
             return
-        ok = sum(r.error is None for r in results)
-        retrieve_ms = max((r.retrieval_ms for r in results), default=0.0) * ok
-        rank_ms = max((r.ranking_ms for r in results), default=0.0) * ok
         with self._lock:
             self.stats["batches"] += 1
             self.stats["batched_histories"] += len(histories)
             self.stats["max_batch_size"] = max(self.stats["max_batch_size"], len(histories))
-        row = 0
-        for job in jobs:
-            mine = results[row:row + len(job.histories)]
-            row += len(job.histories)
-            for r in mine:
-                del r.items[job.k:]
-            outcome = BatchOutcome(mine, (start - job.enqueued) * 1000, retrieve_ms, rank_ms, len(histories))
+        for job, outcome in zip(jobs, outcomes):
             self._settle(job, outcome, None)
 
     @staticmethod
@@ -365,6 +372,20 @@ class SearchResults(BaseModel):
     items: list[CatalogueItem]
 
 
+class Problem(BaseModel):
+    """Every error answer: ``detail`` is one line; a 422 adds the validation ``errors`` or the
+    ``unknown`` history items."""
+
+    detail: str
+    errors: list[dict] | None = None
+    unknown: list[dict] | None = None
+
+
+def _problems(*codes: int) -> dict:
+    """The OpenAPI ``responses`` of these error statuses, each a :class:`Problem`."""
+    return {code: {"model": Problem} for code in codes}
+
+
 # --------------------------------------------------------------------------- the app
 def create_app(recommender, *, api_key: str | None = None, max_batch: int = 8, max_wait_ms: float = 5,
                max_queue: int = 64, max_history: int = 200, max_k: int | None = None,
@@ -398,7 +419,12 @@ def create_app(recommender, *, api_key: str | None = None, max_batch: int = 8, m
         {"anyOf": [{"type": "integer"}, {"type": "string", "minLength": 1, "maxLength": max_title_chars}]})]
     History = Annotated[list[Entry], Field(min_length=1, max_length=max_history,
                                            description="Item ids or titles, oldest first.")]
-    K = Annotated[int, Field(ge=1, le=max_k, description="Number of recommendations.")]
+    def whole_number(value: object) -> object:  # lax int validation would read true as 1 and "5" as 5
+        if isinstance(value, (bool, str)):
+            raise ValueError("k is a whole number, not true/false or a string")
+        return value
+
+    K = Annotated[int, Field(ge=1, le=max_k, description="Number of recommendations."), BeforeValidator(whole_number)]
 
     class RecommendRequest(BaseModel):
         model_config = {"extra": "forbid", "json_schema_extra": {"examples": [{"history": ["1", "2"], "k": 10}]}}
@@ -488,7 +514,7 @@ def create_app(recommender, *, api_key: str | None = None, max_batch: int = 8, m
                      ranker_score=r.ranker_score) for r in result.items]
 
     @app.post("/recommend", response_model=Recommendations, dependencies=bearer,
-              responses={401: {}, 413: {}, 422: {}, 503: {}, 504: {}})
+              responses=_problems(400, 401, 413, 422, 500, 503, 504))
     async def recommend(body: RecommendRequest, request: Request) -> Recommendations:
         """Recommend ``k`` items for one history (item ids or titles, oldest first)."""
         start = time.perf_counter()
@@ -500,7 +526,7 @@ def create_app(recommender, *, api_key: str | None = None, max_batch: int = 8, m
         return Recommendations(items=items(result), history=result.history, timings=timings(request, outcome, start))
 
     @app.post("/recommend/batch", response_model=BatchRecommendations, dependencies=bearer,
-              responses={401: {}, 413: {}, 422: {}, 503: {}, 504: {}})
+              responses=_problems(400, 401, 413, 422, 500, 503, 504))
     async def recommend_batch(body: BatchRequest, request: Request) -> BatchRecommendations:
         """Recommend for several histories at once; a history with unknown items gets an
         ``error`` entry and no items, the others are unaffected."""
@@ -518,7 +544,7 @@ def create_app(recommender, *, api_key: str | None = None, max_batch: int = 8, m
             entries[row] = BatchEntry(items=items(result), history=result.history, error=result.error)
         return BatchRecommendations(results=entries, timings=timings(request, outcome, start))
 
-    @app.get("/items", response_model=SearchResults, dependencies=bearer, responses={401: {}})
+    @app.get("/items", response_model=SearchResults, dependencies=bearer, responses=_problems(401, 422))
     async def search_items(query: Annotated[str, Query(max_length=max_title_chars)] = "",
                            limit: Annotated[int, Query(ge=1, le=100)] = 20) -> SearchResults:
         """Items whose title contains ``query`` (case-insensitive) or whose id is ``query``."""
@@ -531,7 +557,7 @@ def create_app(recommender, *, api_key: str | None = None, max_batch: int = 8, m
         """The process is up (no key needed)."""
         return {"status": "ok"}
 
-    @app.get("/ready", dependencies=bearer, responses={401: {}, 503: {}})
+    @app.get("/ready", dependencies=bearer, responses=_problems(401) | {503: {"description": "Not ready"}})
     async def ready() -> JSONResponse:
         """The models are loaded and the model worker runs; with its settings and counters."""
         body = {"ready": worker.alive, "ranker": recommender.ranker is not None,
@@ -540,7 +566,7 @@ def create_app(recommender, *, api_key: str | None = None, max_batch: int = 8, m
                 "stats": worker.snapshot()}
         return JSONResponse(body, status_code=200 if worker.alive else 503)
 
-    @app.get("/stats", dependencies=bearer, responses={401: {}})
+    @app.get("/stats", dependencies=bearer, responses=_problems(401))
     async def stats() -> dict:
         """Counters of the model worker: requests, batches, mean batch size, rejections, timeouts."""
         return worker.snapshot()
