@@ -1,6 +1,6 @@
 """Ranker fine-tuning speed on this machine: training examples per second for several recipes.
 
-    python benchmarks/finetune.py --retriever RUN/retriever [--steps 6] [--batch 4] [--threads 1] [--json]
+    python benchmarks/finetune.py --retriever RUN/retriever [--steps 6] [--batch 4] [--threads 1] [--only 4 5] [--json]
 
 ``RUN/retriever`` is a retriever run with training-prefix candidates (``llamarec retrieve
 candidates --train-prefixes N``). Each recipe builds a fine-tuner on the same data, warms up
@@ -31,6 +31,9 @@ RECIPES: dict[str, dict] = {
         dtype="bfloat16", target_modules=["all-linear"], lora_r=16, loss="letters"),
     "bf16, all-linear LoRA r16, history 10, letter loss (cpu-quality)": dict(
         dtype="bfloat16", target_modules=["all-linear"], lora_r=16, loss="letters", prompt={"max_history": 10}),
+    "as cpu-quality, LoRA in the last 10 of 30 layers": dict(
+        dtype="bfloat16", target_modules=["all-linear"], lora_r=16, loss="letters", prompt={"max_history": 10},
+        lora_layers=10),
 }
 
 
@@ -63,10 +66,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--only", nargs="*", type=int, help="row numbers (1-based) to run; all by default")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    results = {name: measure(args.retriever, recipe, args.steps, args.batch) for name, recipe in RECIPES.items()}
+    chosen = [(i, name) for i, name in enumerate(RECIPES, 1) if not args.only or i in args.only]
+    results = {name: measure(args.retriever, RECIPES[name], args.steps, args.batch) for _, name in chosen}
     first = next(iter(results.values()))["examples_per_s"]
     if args.json:
         print(json.dumps({"threads": args.threads, "batch": args.batch, "recipes": results}))

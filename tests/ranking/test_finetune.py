@@ -285,3 +285,14 @@ def test_all_linear_lora_targets_every_linear_layer(tiny_rank_config, tmp_path):
     wrapped = {n.split(".lora_A")[0].split(".")[-1] for n, _ in ft.model.named_parameters() if "lora_A" in n}
     assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= wrapped
     assert "lm_head" not in wrapped
+
+
+def test_lora_layers_adapts_only_the_top_layers(tiny_rank_config, tmp_path):
+    ft = Finetuner(tiny_rank_config(target_modules=["all-linear"], lora_r=4, lora_layers=1), tmp_path / "rank",
+                   progress=False)
+    adapted = {n for n, p in ft.model.named_parameters() if p.requires_grad and "lora_" in n}
+    assert adapted and all(".layers.1." in n for n in adapted)  # the tiny model has layers 0 and 1
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in adapted} >= {"q_proj", "down_proj"}
+    ft.model.train()
+    ft._batch_loss(ft.train[:2]).backward()
+    assert all(p.grad is not None for n, p in ft.model.named_parameters() if n in adapted)

@@ -31,6 +31,8 @@ class RankConfig(BaseModel):
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"],
                                       description='module names, or ["all-linear"]')
+    lora_layers: int | None = Field(
+        None, ge=1, description="LoRA in the last N transformer layers only: backward stops below them")
     loss: Literal["vocab", "letters"] = Field(
         "vocab", description="cross-entropy over the whole vocabulary, or over the candidates' letters only")
     examples: Literal["hard", "paper"] = Field("hard", description="how training candidates are chosen")

@@ -85,8 +85,19 @@ def attach_lora(model: torch.nn.Module, cfg: RankConfig) -> torch.nn.Module:
 
     if cfg.load_in_4bit:
         model = prepare_model_for_kbit_training(model)
+    layers: dict = {}
+    if cfg.lora_layers is not None:
+        # Only the top layers adapt, so nothing below them needs gradients: the backward pass
+        # stops at the lowest adapted layer, which is most of the saving.
+        total = model.config.num_hidden_layers
+        layers = {"layers_to_transform": list(range(max(0, total - cfg.lora_layers), total)),
+                  "layers_pattern": "layers"}
+    targets = cfg.lora_targets()
+    if layers and targets == "all-linear":  # peft takes layers_to_transform with a list only
+        targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                          if isinstance(module, torch.nn.Linear) and ".layers." in name})
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=cfg.lora_targets(), task_type="CAUSAL_LM")
+                      target_modules=targets, task_type="CAUSAL_LM", **layers)
     try:
         return get_peft_model(model, lora)
     except ValueError as exc:
@@ -181,10 +192,14 @@ class Finetuner:
     def _validate(self) -> dict[str, float]:
         """NDCG@10 etc. of the validation users scored as at inference: in ``val_order``, fused
         with the retriever in residual training."""
-        scores = self.ranker.score(self.val, self.cfg.val_order, seed=self.cfg.seed)
         if self.cfg.residual_weight > 0:
             ret = torch.tensor([ex.retriever_scores for ex in self.val])
-            scores = fuse(self.ranker_scale() * scores, ret, self.cfg.residual_weight, self.temperatures["val"])
+            scale = self.ranker_scale()
+            # A closed gate (step 0) serves the retriever's own ranking: no LLM forward needed.
+            llm = self.ranker.score(self.val, self.cfg.val_order, seed=self.cfg.seed) if scale else torch.zeros_like(ret)
+            scores = fuse(scale * llm, ret, self.cfg.residual_weight, self.temperatures["val"])
+        else:
+            scores = self.ranker.score(self.val, self.cfg.val_order, seed=self.cfg.seed)
         metrics = ranking_metrics(scores, self.val)
         st = self.state
         st.history.append({"step": st.step, **metrics})
