@@ -353,3 +353,29 @@ def test_an_interrupted_stage_whose_config_changed_starts_afresh(
     assert json.loads((run / "ranker" / "rank_config.json").read_text())["max_examples"] == 4
     assert stages_of(run) == Runner(changed, run).keys()
     assert not (run / "stage-started.json").exists()
+
+
+def test_a_new_option_at_its_default_keeps_the_stage_keys(tiny_config, tmp_path: Path) -> None:
+    """An option added to llamarec later must not redo the finished stages of existing runs."""
+    runner = Runner(tiny_config(), tmp_path / "run", progress=False)
+    before = runner.keys()
+
+    class WithNewOption(type(runner.rank_cfg)):
+        new_option: int | None = None
+
+    runner.rank_cfg = WithNewOption(**runner.rank_cfg.model_dump())
+    assert runner.keys() == before
+    runner.rank_cfg = WithNewOption(**runner.rank_cfg.model_dump(exclude={"new_option"}), new_option=3)
+    changed = runner.keys()
+    assert [s for s in STAGES if changed[s] != before[s]] == ["ranker", "evaluate", "report"]
+
+
+def test_stage_keys_of_an_older_llamarec_are_read_as_current(
+        copy_tiny_run, tiny_config, ran: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs recorded when keys hashed the whole config (defaults included) stay up to date."""
+    run = copy_tiny_run()
+    legacy = Runner(tiny_config(), run, progress=False).keys(omit_defaults=False)
+    (run / "stages.json").write_text(json.dumps(legacy))
+    forbid_work(monkeypatch)
+    Runner(tiny_config(), run, progress=False).run()
+    assert ran == []

@@ -3,7 +3,9 @@
 Each stage records a key (a hash of its own config and of the stages before it) in
 ``stages.json`` when it finishes. A rerun skips stages whose key is unchanged, resumes an
 interrupted one (the trainers resume from their last checkpoint), and redoes a stage, and
-everything after it, whose config changed or that ``--force`` names.
+everything after it, whose config changed or that ``--force`` names. Options at their default
+values are left out of the keys, so a new option added to llamarec does not redo finished
+stages of existing runs.
 """
 
 from __future__ import annotations
@@ -104,35 +106,42 @@ class Runner:
         self.cfg, self.out, self.force, self.progress = cfg, out, set(force), progress
         self.rank_cfg = cfg.rank_config(out)
 
-    def _stage_configs(self) -> dict[str, Any]:
-        c = self.cfg
+    def _stage_configs(self, omit_defaults: bool = True) -> dict[str, Any]:
+        c, opts = self.cfg, {"exclude_defaults": omit_defaults}
         return {
             "data": {"dataset": c.dataset, "data_dir": str(c.data_dir)},
-            "retriever": json.loads(c.retrieval_config().model_dump_json()),
-            "candidates": c.candidates.model_dump(),
+            "retriever": json.loads(c.retrieval_config().model_dump_json(**opts)),
+            "candidates": c.candidates.model_dump(**opts),
             # Not the retriever's path: it only says where the run directory is, and the stages
             # before this one are in the key already.
-            "ranker": json.loads(self.rank_cfg.model_dump_json(exclude={"retriever"})),
-            "evaluate": c.evaluation.model_dump(),
+            "ranker": json.loads(self.rank_cfg.model_dump_json(exclude={"retriever"}, **opts)),
+            "evaluate": c.evaluation.model_dump(**opts),
             "report": {},
         }
 
-    def keys(self) -> dict[str, str]:
+    def keys(self, omit_defaults: bool = True) -> dict[str, str]:
         keys, previous = {}, ""
-        for stage, conf in self._stage_configs().items():
+        for stage, conf in self._stage_configs(omit_defaults).items():
             previous = hashlib.sha256((previous + json.dumps(conf, sort_keys=True)).encode()).hexdigest()[:16]
             keys[stage] = previous
         return keys
+
+    def _read_keys(self, path: Path) -> dict[str, str]:
+        """Stage keys stored in ``path``; keys written before defaults were left out of them
+        (the whole config hashed) are read as today's, so such runs are not redone."""
+        stored = read_json_file(path) if path.is_file() else {}
+        legacy, current = self.keys(omit_defaults=False), self.keys()
+        return {stage: current[stage] if legacy.get(stage) == key else key for stage, key in stored.items()}
 
     def run(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
         write_text(self.out / PIPELINE_CONFIG, yaml.safe_dump(json.loads(self.cfg.model_dump_json()), sort_keys=False))
         state_path = self.out / STAGES_FILE
-        done: dict[str, str] = read_json_file(state_path) if state_path.is_file() else {}
+        done = self._read_keys(state_path)
         started_path = self.out / STARTED_FILE
         # The stage an earlier run was interrupted in, and its key then: resumed if unchanged,
         # started afresh if its config changed since.
-        started: dict[str, str] = read_json_file(started_path) if started_path.is_file() else {}
+        started = self._read_keys(started_path)
         keys, redo = self.keys(), False
         steps: dict[str, Callable[[], str]] = {
             "data": self._data, "retriever": self._retriever, "candidates": self._candidates,
