@@ -34,6 +34,9 @@ RECIPES: dict[str, dict] = {
     "as cpu-quality, LoRA in the last 10 of 30 layers": dict(
         dtype="bfloat16", target_modules=["all-linear"], lora_r=16, loss="letters", prompt={"max_history": 10},
         lora_layers=10),
+    "as above, length-bucketed batches": dict(
+        dtype="bfloat16", target_modules=["all-linear"], lora_r=16, loss="letters", prompt={"max_history": 10},
+        lora_layers=10, length_buckets=True),
 }
 
 

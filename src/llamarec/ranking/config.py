@@ -45,6 +45,8 @@ class RankConfig(BaseModel):
     max_examples: int = Field(1000, ge=1, description="training examples (one epoch over them)")
     epochs: int = Field(1, ge=1)
     batch_size: int = Field(4, ge=1)
+    length_buckets: bool = Field(
+        False, description="batch training prompts of similar length together (less padding), batches shuffled")
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(1e-4, gt=0.0)
     warmup_steps: int = Field(10, ge=0)

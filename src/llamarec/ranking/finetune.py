@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ from llamarec.ranking.verbalizer import next_token_logits
 
 GATE_KEY = "residual_gate"
 GATE_LR_SCALE = 10.0
+BUCKET_WINDOW = 16  # batches sorted by prompt length together with length_buckets
 
 
 @dataclass
@@ -130,6 +132,8 @@ class Finetuner:
         # Each process takes every world-th example; equal shards keep the processes in step.
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         train = train * cfg.epochs
+        if cfg.length_buckets:
+            train = self._bucket_by_length(train, cfg.batch_size * cfg.grad_accum * world)
         self.train = train[: len(train) - len(train) % world][rank::world]
         val_cands = load_candidates(cfg.retriever, "val")
         self.val = evaluation_examples(self.ds, val_cands, "val", max_history=max_history, limit=cfg.val_users)
@@ -157,6 +161,21 @@ class Finetuner:
         self.total_steps = math.ceil(len(self.train) / (cfg.batch_size * cfg.grad_accum))
         self.state = FinetuneState()
         self.device = next(self.model.parameters()).device
+
+    def _bucket_by_length(self, examples: list[RankExample], batch: int) -> list[RankExample]:
+        """Examples reordered so that each batch holds prompts of similar length: sorted by
+        token count within windows of BUCKET_WINDOW batches, then the batches shuffled (seeded),
+        so padding shrinks while batches still come from the whole run in random order."""
+        lengths = [len(self.ranker.builder.build_ids([self.ds.titles[i] for i in ex.history],
+                                                     [self.ds.titles[i] for i in ex.candidates]))
+                   for ex in examples]
+        span = batch * BUCKET_WINDOW
+        batches = []
+        for start in range(0, len(examples), span):
+            window = sorted(range(start, min(start + span, len(examples))), key=lengths.__getitem__)
+            batches += [window[i:i + batch] for i in range(0, len(window), batch)]
+        random.Random(self.cfg.seed).shuffle(batches)
+        return [examples[i] for b in batches for i in b]
 
     def _lr(self, step: int) -> float:
         """Linear warm-up, then linear decay to zero at the last step."""
