@@ -2,15 +2,16 @@
 
     python benchmarks/serve_load.py --run DIR [--clients 1 4 16] [--seconds 60] [--batching on off]
                                     [--max-batch 8] [--max-wait-ms 5] [--history-len 10] [--k 10]
-                                    [--baseline-calls 30] [--device cpu] [--json]
+                                    [--warmup-seconds 20] [--baseline-calls 30] [--device cpu] [--json]
 
 For each batching mode the server is started on 127.0.0.1 (a subprocess, ``llamarec serve``;
-``off`` is ``--max-batch 1``), warmed up, then driven by N concurrent asyncio httpx clients for
-T seconds per client count, each sending ``POST /recommend`` back to back with random
-histories of the run's items. It prints, per mode and client count: requests per second,
-p50/p95/p99 latency, the mean number of histories per ranker forward (from the server's
-``/stats``), errors (any answer but 200, or no answer) and the server's resident memory before
-the first and after the last client count of that mode. The baseline is
+``off`` is ``--max-batch 1``), warmed up at the largest client count (so batches of every size
+have been allocated once), then driven by N concurrent asyncio httpx clients for T seconds per
+client count, each sending ``POST /recommend`` back to back with random histories of the run's
+items. It prints, per mode and client count: requests per second, p50/p95/p99 latency, the mean
+number of histories per ranker forward (from the server's ``/stats``), errors (any answer but
+200, or no answer), the server's resident memory after warm-up and after the row, and the
+growth between the two (the memory target is growth under 5 % over a long row). The baseline is
 ``Recommender.recommend`` called directly in this process (before any server starts): its p50.
 
 Every loop is bounded: by time (``--seconds``) and by ``--max-requests`` per measurement. All
@@ -182,7 +183,8 @@ def main() -> None:
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--history-len", type=int, default=10, help="Items per random history.")
     p.add_argument("--k", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=5, help="Requests sent before measuring.")
+    p.add_argument("--warmup-seconds", type=float, default=20,
+                   help="Load at the largest client count before measuring.")
     p.add_argument("--baseline-calls", type=int, default=30, help="Direct Recommender.recommend calls (0: skip).")
     p.add_argument("--max-requests", type=int, default=100_000, help="Cap per measurement.")
     p.add_argument("--device", default="cpu")
@@ -202,25 +204,24 @@ def main() -> None:
         server = Server(args.run, max_batch, args.max_wait_ms, args.device)
         try:
             server.wait_ready()
-            for history in histories[-args.warmup:]:
-                httpx.post(f"{server.url}/recommend", json={"history": history, "k": args.k}, timeout=120)
-            rss_start = server.rss_mb()
+            asyncio.run(drive(server.url, max(args.clients), args.warmup_seconds, histories[::-1], args.k,
+                              args.max_requests))
+            rss_warm = server.rss_mb()
             for clients in args.clients:
                 before = server.stats()
                 result = asyncio.run(drive(server.url, clients, args.seconds, histories, args.k, args.max_requests))
                 after = server.stats()
                 batches = after["batches"] - before["batches"]
                 mean_batch = (after["batched_histories"] - before["batched_histories"]) / batches if batches else 0.0
+                rss_end = server.rss_mb()
                 report["results"].append({"batching": mode, "max_batch": max_batch, "clients": clients, **result,
-                                          "mean_batch": round(mean_batch, 2)})
+                                          "mean_batch": round(mean_batch, 2), "rss_after_warmup_mb": rss_warm,
+                                          "rss_end_mb": rss_end,
+                                          "rss_growth_pct": round(100 * (rss_end - rss_warm) / rss_warm, 2)})
                 if not args.json:
                     print(f"batching {mode}, {clients} client(s): {result['throughput_rps']} req/s, "
                           f"p50 {result['p50_ms']} ms, mean batch {mean_batch:.2f}, errors {result['errors']}",
                           file=sys.stderr)
-            rss_end = server.rss_mb()
-            for row in report["results"]:
-                if row["batching"] == mode:
-                    row.update(rss_start_mb=rss_start, rss_end_mb=rss_end)
         finally:
             server.stop()
     if args.json:
@@ -231,12 +232,13 @@ def main() -> None:
     if "baseline_direct" in report:
         print(f"Recommender.recommend directly: p50 {report['baseline_direct']['p50_ms']} ms "
               f"({report['baseline_direct']['calls']} calls)")
-    header = ("batching", "clients", "req/s", "p50 ms", "p95 ms", "p99 ms", "mean batch", "errors", "RSS MB start→end")
+    header = ("batching", "clients", "req/s", "p50 ms", "p95 ms", "p99 ms", "mean batch", "errors",
+              "RSS MB after warm-up→end of row", "growth %")
     print(" | ".join(header))
     for r in report["results"]:
         print(" | ".join(str(x) for x in (r["batching"], r["clients"], r["throughput_rps"], r["p50_ms"], r["p95_ms"],
                                           r["p99_ms"], r["mean_batch"], r["errors"],
-                                          f"{r['rss_start_mb']}→{r['rss_end_mb']}")))
+                                          f"{r['rss_after_warmup_mb']}→{r['rss_end_mb']}", r["rss_growth_pct"])))
 
 
 if __name__ == "__main__":
