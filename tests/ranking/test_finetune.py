@@ -314,3 +314,73 @@ def test_length_buckets_reorder_the_same_examples_into_batches_of_similar_length
     again = Finetuner(tiny_rank_config(max_examples=48, batch_size=4, length_buckets=True), tmp_path / "c",
                       progress=False)
     assert list(map(key, again.train)) == list(map(key, bucketed.train))  # seeded: a resumed run sees the same order
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_full_layers_trains_the_top_layers_and_its_saved_weights_reproduce_the_scores(
+        tiny_rank_config, tmp_path, dtype):
+    from llamarec.ranking.llm import load_full_layers
+
+    cfg = tiny_rank_config(full_layers=1, target_modules=["all-linear"], dtype=dtype, lr=1e-3)
+    ft = Finetuner(cfg, tmp_path / "rank", progress=False)
+    trained = {n for n, p in ft.model.named_parameters() if p.requires_grad}
+    assert trained and all(n.startswith("model.layers.1.") for n in trained)
+    assert all(p.dtype == torch.float32 for n, p in ft.model.named_parameters() if n in trained)
+    before = {n: p.detach().clone() for n, p in ft.model.named_parameters()}
+    ft.run()
+    changed = {n for n, p in ft.model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert changed and changed <= trained
+
+    ft.state.best = -1.0  # the final weights become the saved ones
+    with ft._autocast():
+        scores = ft.ranker.score(ft.val)
+    ft._validate()
+    saved = tmp_path / "rank" / "adapter" / "full_layers.safetensors"
+    assert set(load_tensors(saved)[0]) == trained
+    base, tokenizer = load_llm(cfg.model, dtype="float32", device="cpu")
+    load_full_layers(base, saved)
+    again = Ranker(base.eval(), tokenizer, ft.ds.titles, batch_size=2).score(ft.val)
+    tolerance = 1e-5 if dtype == "float32" else 0.1  # trained under bf16 autocast, scored in fp32 here
+    torch.testing.assert_close(again, scores, atol=tolerance, rtol=tolerance)
+
+
+def test_full_layers_resume_matches_an_uninterrupted_run(tiny_rank_config, tmp_path, monkeypatch):
+    cfg = tiny_rank_config(full_layers=1)
+    finetune_ranker(cfg, tmp_path / "whole", progress=False)
+    original_loss = Finetuner._batch_loss
+    calls = {"n": 0, "limit": 1}
+
+    def loss(self, examples):
+        calls["n"] += 1
+        if calls["n"] > calls["limit"]:
+            raise Interrupted
+        return original_loss(self, examples)
+
+    monkeypatch.setattr(Finetuner, "_batch_loss", loss)
+    with pytest.raises(Interrupted):
+        finetune_ranker(cfg, tmp_path / "split", progress=False)
+    calls.update(n=0, limit=100)
+    finetune_ranker(cfg, tmp_path / "split", progress=False)
+    assert calls["n"] == 1  # only the second step was trained after resuming
+    for name in ("last/weights.safetensors", "adapter/full_layers.safetensors"):
+        got, ref = load_tensors(tmp_path / "split" / name)[0], load_tensors(tmp_path / "whole" / name)[0]
+        assert got.keys() == ref.keys() and got
+        for key in ref:
+            torch.testing.assert_close(got[key], ref[key], atol=1e-6, rtol=1e-6)
+
+
+def test_full_layers_with_lora_options_is_a_config_error(tiny_rank_config):
+    with pytest.raises(ValueError, match="full_layers"):
+        tiny_rank_config(full_layers=1, lora_layers=1)
+
+
+def test_a_saved_layer_the_base_model_lacks_is_a_one_line_error(tiny_rank_config, tmp_path):
+    from safetensors.torch import save_file
+
+    from llamarec.ranking.llm import load_full_layers
+
+    path = tmp_path / "full_layers.safetensors"
+    save_file({"model.layers.9.mlp.up_proj.weight": torch.zeros(2, 2)}, path)
+    base, _ = load_llm(tiny_rank_config().model, dtype="float32", device="cpu")
+    with pytest.raises(LlamarecError, match=r"full_layers.safetensors: 1 tensor\(s\) do not fit .*layers\.9"):
+        load_full_layers(base, path)

@@ -33,6 +33,8 @@ class RankConfig(BaseModel):
                                       description='module names, or ["all-linear"]')
     lora_layers: int | None = Field(
         None, ge=1, description="LoRA in the last N transformer layers only: backward stops below them")
+    full_layers: int | None = Field(
+        None, ge=1, description="instead of LoRA: train every weight of the last N transformer layers (fp32)")
     loss: Literal["vocab", "letters"] = Field(
         "vocab", description="cross-entropy over the whole vocabulary, or over the candidates' letters only")
     examples: Literal["hard", "paper"] = Field("hard", description="how training candidates are chosen")
@@ -61,6 +63,8 @@ class RankConfig(BaseModel):
     def _check_residual(self) -> RankConfig:
         if self.residual_weight > 0 and self.loss != "letters":
             raise ValueError("residual_weight needs loss: letters (the residual is a softmax over the letters)")
+        if self.full_layers is not None and (self.lora_layers is not None or self.load_in_4bit):
+            raise ValueError("full_layers trains whole layers without LoRA: drop lora_layers and load_in_4bit")
         return self
 
     def prompt_config(self) -> PromptConfig:

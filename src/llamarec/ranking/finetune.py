@@ -1,9 +1,11 @@
-"""LoRA / QLoRA fine-tuning of the ranker: cross-entropy on the answer letter only.
+"""Fine-tuning of the ranker (LoRA / QLoRA, or full training of the top layers): cross-entropy
+on the answer letter only.
 
 The LM head runs on the last prompt position only (where the answer letter is predicted), so a
 step costs one forward/backward through the transformer and no full-vocabulary logits at every
-position. The best adapter by validation NDCG@10 is kept in peft's format (safetensors), with
-the tokenizer and a JSON config; an interrupted run resumes from its last checkpoint.
+position. The best adapter by validation NDCG@10 is kept in peft's format (safetensors; with
+``full_layers`` the trained layers' weights in one safetensors file), with the tokenizer and a
+JSON config; an interrupted run resumes from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -32,13 +34,14 @@ from llamarec.layout import (
     PROMPT_FILE,
     RANK_CONFIG,
     RANK_TRAIN_METRICS,
+    FULL_LAYERS_FILE,
     RANKER_SCALE_FILE,
 )
 from llamarec.manifest import record
 from llamarec.metrics import metrics_from_ranks, target_ranks
 from llamarec.ranking.config import RankConfig
 from llamarec.ranking.examples import RankExample, evaluation_examples, hard_negative_examples, paper_examples
-from llamarec.ranking.llm import load_llm
+from llamarec.ranking.llm import decoder_layers, load_llm
 from llamarec.ranking.ranker import Ranker, read_ranker_scale
 from llamarec.ranking.scoring import fit_temperature, fuse
 from llamarec.ranking.verbalizer import next_token_logits
@@ -106,6 +109,20 @@ def attach_lora(model: torch.nn.Module, cfg: RankConfig) -> torch.nn.Module:
         raise LlamarecError(f"LoRA target_modules {cfg.target_modules}: {exc}") from None
 
 
+def train_top_layers(model: torch.nn.Module, n: int) -> torch.nn.Module:
+    """Full fine-tuning of the last ``n`` transformer layers: only their weights train, kept in
+    float32 (bf16 weights would round small updates away) under a bf16/fp16 rest of the model."""
+    model.requires_grad_(False)
+    for layer in decoder_layers(model)[-n:]:
+        layer.float().requires_grad_(True)
+    return model
+
+
+def make_trainable(model: torch.nn.Module, cfg: RankConfig) -> torch.nn.Module:
+    """The model with what ``cfg`` trains: the top ``full_layers`` layers, else a LoRA adapter."""
+    return train_top_layers(model, cfg.full_layers) if cfg.full_layers else attach_lora(model, cfg)
+
+
 class Finetuner:
     def __init__(self, cfg: RankConfig, out: Path, progress: bool = True) -> None:
         self.cfg, self.out, self.progress = cfg, out, progress
@@ -120,7 +137,9 @@ class Finetuner:
         device = str(self.accelerator.device) if multi else cfg.device
         base, self.tokenizer = load_llm(cfg.model, dtype=cfg.dtype, device=device,
                                         load_in_4bit=cfg.load_in_4bit, gguf_file=cfg.gguf_file)
-        self.model = attach_lora(base, cfg)
+        # fp32 trained layers over a lower-precision model run under autocast to that dtype.
+        self.mixed_dtype = base.dtype if cfg.full_layers and base.dtype != torch.float32 else None
+        self.model = make_trainable(base, cfg)
         self.ranker = Ranker(self.model, self.tokenizer, self.ds.titles, prompt_cfg, cfg.eval_batch_size)
         max_history = prompt_cfg.max_history
         if cfg.examples == "paper":
@@ -192,9 +211,7 @@ class Finetuner:
             [self.ds.titles[i] for i in ex.history], [self.ds.titles[i] for i in ex.candidates], ex.target)
             for ex in examples]
         pad = self.tokenizer.pad_token_id
-        autocast = (torch.autocast("cpu", dtype=torch.bfloat16)
-                    if self.cfg.autocast_bf16 and self.device.type == "cpu" else contextlib.nullcontext())
-        with autocast:
+        with self._autocast():
             logits = next_token_logits(self.train_model, [e.input_ids[:-1] for e in encoded],
                                        0 if pad is None else pad).float()
         if self.cfg.loss == "vocab":
@@ -208,6 +225,18 @@ class Finetuner:
         return torch.nn.functional.cross_entropy(letters, torch.tensor([ex.target for ex in examples],
                                                                        device=self.device))
 
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.mixed_dtype is not None:
+            return torch.autocast(self.device.type, dtype=self.mixed_dtype)
+        if self.cfg.autocast_bf16 and self.device.type == "cpu":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _score_val(self) -> torch.Tensor:
+        # Mixed-precision layers (full_layers) need autocast; LoRA validation runs as served.
+        with self._autocast() if self.mixed_dtype is not None else contextlib.nullcontext():
+            return self.ranker.score(self.val, self.cfg.val_order, seed=self.cfg.seed)
+
     def _validate(self) -> dict[str, float]:
         """NDCG@10 etc. of the validation users scored as at inference: in ``val_order``, fused
         with the retriever in residual training."""
@@ -215,10 +244,10 @@ class Finetuner:
             ret = torch.tensor([ex.retriever_scores for ex in self.val])
             scale = self.ranker_scale()
             # A closed gate (step 0) serves the retriever's own ranking: no LLM forward needed.
-            llm = self.ranker.score(self.val, self.cfg.val_order, seed=self.cfg.seed) if scale else torch.zeros_like(ret)
+            llm = self._score_val() if scale else torch.zeros_like(ret)
             scores = fuse(scale * llm, ret, self.cfg.residual_weight, self.temperatures["val"])
         else:
-            scores = self.ranker.score(self.val, self.cfg.val_order, seed=self.cfg.seed)
+            scores = self._score_val()
         metrics = ranking_metrics(scores, self.val)
         st = self.state
         st.history.append({"step": st.step, **metrics})
@@ -236,22 +265,31 @@ class Finetuner:
 
     def _save_adapter(self) -> None:
         with atomic_dir(self.out / ADAPTER_DIR) as tmp:
-            self.model.save_pretrained(tmp, safe_serialization=True)
+            if self.cfg.full_layers:
+                from safetensors.torch import save_file
+
+                save_file({k: v.contiguous() for k, v in self._trained_weights().items()}, tmp / FULL_LAYERS_FILE)
+            else:
+                self.model.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
             write_json(tmp / RANKER_SCALE_FILE, {"ranker_scale": self.ranker_scale()})
         record(self.out, self.out / ADAPTER_DIR)
 
-    def _save_last(self) -> None:
+    def _trained_weights(self) -> dict[str, torch.Tensor]:
+        """What training changes: the LoRA adapter's weights, or the full_layers' parameters."""
+        if self.cfg.full_layers:
+            return {name: p.detach() for name, p in self.model.named_parameters() if p.requires_grad}
         from peft import get_peft_model_state_dict
 
+        return get_peft_model_state_dict(self.model)
+
+    def _save_last(self) -> None:
         if self.accelerator.is_main_process:
-            weights = {**get_peft_model_state_dict(self.model), GATE_KEY: self.gate.detach()}
+            weights = {**self._trained_weights(), GATE_KEY: self.gate.detach()}
             save_training_state(self.out / LAST_CHECKPOINT, weights, self.optimizer,
                                 {"torch": torch.get_rng_state()}, self.state.__dict__)
 
     def _resume(self) -> bool:
-        from peft import get_peft_model_state_dict, set_peft_model_state_dict
-
         restored = load_training_state(self.out / LAST_CHECKPOINT, self.optimizer)
         if restored is None:
             return False
@@ -260,10 +298,17 @@ class Finetuner:
         with restoring(self.out / LAST_CHECKPOINT):
             with torch.no_grad():
                 self.gate.copy_(weights.pop(GATE_KEY))
-            expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(self.model).items()}
-            if {k: tuple(v.shape) for k, v in weights.items()} != expected:  # peft would skip what does not fit
-                raise ValueError("its adapter weights do not fit this ranker's LoRA layers")
-            set_peft_model_state_dict(self.model, weights)
+            trained = self._trained_weights()
+            if {k: tuple(v.shape) for k, v in weights.items()} != {k: tuple(v.shape) for k, v in trained.items()}:
+                raise ValueError("its weights do not fit this ranker's trained layers")  # peft would skip them
+            if self.cfg.full_layers:
+                with torch.no_grad():
+                    for name, tensor in weights.items():
+                        trained[name].copy_(tensor)
+            else:
+                from peft import set_peft_model_state_dict
+
+                set_peft_model_state_dict(self.model, weights)
             torch.set_rng_state(rng["torch"])
         return True
 

@@ -269,3 +269,28 @@ def load_llm(
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The transformer blocks of a causal LM (Llama, Gemma 3, ...), bottom first."""
+    return model.get_decoder().layers
+
+
+def load_full_layers(model: torch.nn.Module, path: Path) -> None:
+    """Overwrite the base model's weights with those a ``full_layers`` fine-tuning saved in
+    ``path`` (safetensors, names as in the model's state dict), cast to the model's dtype;
+    a name or shape the model does not have is a one-line error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        weights = load_file(path)
+    except (OSError, SafetensorError) as exc:
+        raise LlamarecError(f"{path}: cannot read the trained layers ({_one_line(exc)})") from None
+    own = model.state_dict()
+    wrong = [name for name, t in weights.items() if name not in own or own[name].shape != t.shape]
+    if wrong:
+        raise LlamarecError(f"{path}: {len(wrong)} tensor(s) do not fit this base model, e.g. {wrong[0]}")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            own[name].copy_(tensor)
