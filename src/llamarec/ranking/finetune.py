@@ -44,7 +44,7 @@ from llamarec.ranking.examples import RankExample, evaluation_examples, hard_neg
 from llamarec.ranking.llm import decoder_layers, load_llm
 from llamarec.ranking.ranker import Ranker, read_ranker_scale
 from llamarec.ranking.scoring import fit_temperature, fuse
-from llamarec.ranking.verbalizer import next_token_logits
+from llamarec.ranking.verbalizer import length_buckets, next_token_logits
 
 GATE_KEY = "residual_gate"
 GATE_LR_SCALE = 10.0
@@ -191,8 +191,7 @@ class Finetuner:
         span = batch * BUCKET_WINDOW
         batches = []
         for start in range(0, len(examples), span):
-            window = sorted(range(start, min(start + span, len(examples))), key=lengths.__getitem__)
-            batches += [window[i:i + batch] for i in range(0, len(window), batch)]
+            batches += [[start + i for i in b] for b in length_buckets(lengths[start:start + span], batch)]
         random.Random(self.cfg.seed).shuffle(batches)
         return [examples[i] for b in batches for i in b]
 
