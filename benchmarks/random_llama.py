@@ -21,6 +21,8 @@ SHAPES = {
                      num_attention_heads=32, num_key_value_heads=32),
     "llama-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                      num_attention_heads=32, num_key_value_heads=4),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,  # to check scripts quickly
+                 num_attention_heads=4, num_key_value_heads=2),
 }
 
 
