@@ -299,3 +299,25 @@ def test_titles_are_tokenized_once_and_prompts_once(char_tokenizer, monkeypatch)
         char_tokenizer(builder.build(history, list(reversed(candidates))))["input_ids"]
     assert calls["n"] == 3  # cached titles: build_ids and build tokenize their prompt once each, and the check
     assert ids == char_tokenizer(text)["input_ids"]
+
+
+def test_candidates_can_show_the_retriever_rank_and_probability(char_tokenizer):
+    cfg = PromptConfig(candidate_item="({letter}) {title} [#{retriever_rank}, {retriever_prob}%]")
+    assert cfg.shows_retriever and not PromptConfig().shows_retriever
+    prompt = PromptBuilder(char_tokenizer, cfg).build(["h"], ["Up", "Cars", "Coco"], [0.0, 2.0, 0.0])
+    # softmax of (0, 2, 0): 0.107, 0.787, 0.107; equal scores keep their shown order
+    assert "(A) Up [#2, 11%] \n (B) Cars [#1, 79%] \n (C) Coco [#3, 11%]" in prompt
+
+
+def test_a_prompt_showing_the_retriever_needs_its_scores(char_tokenizer):
+    builder = PromptBuilder(char_tokenizer, PromptConfig(candidate_item="({letter}) {title} #{retriever_rank}"))
+    with pytest.raises(LlamarecError, match="needs 2 retriever scores, got none"):
+        builder.build(["h"], ["Up", "Cars"])
+    with pytest.raises(LlamarecError, match="needs 2 retriever scores, got 1"):
+        builder.build_ids(["h"], ["Up", "Cars"], [1.0])
+
+
+@pytest.mark.parametrize("item", ["({letter}) #{retriever_rank}", "({letter}) {title} {score}"])
+def test_candidate_item_placeholders_are_checked(item):
+    with pytest.raises(ValueError, match="placeholders must be"):
+        PromptConfig(candidate_item=item)

@@ -142,6 +142,8 @@ class Finetuner:
         self.model = make_trainable(base, cfg)
         self.ranker = Ranker(self.model, self.tokenizer, self.ds.titles, prompt_cfg, cfg.eval_batch_size)
         max_history = prompt_cfg.max_history
+        if cfg.examples == "paper" and prompt_cfg.shows_retriever:
+            raise LlamarecError("a prompt showing the retriever's rank or probability needs examples: hard")
         if cfg.examples == "paper":
             train = paper_examples(self.ds, cfg.max_examples, max_history=max_history, seed=cfg.seed)
         else:
@@ -186,7 +188,8 @@ class Finetuner:
         token count within windows of BUCKET_WINDOW batches, then the batches shuffled (seeded),
         so padding shrinks while batches still come from the whole run in random order."""
         lengths = [len(self.ranker.builder.build_ids([self.ds.titles[i] for i in ex.history],
-                                                     [self.ds.titles[i] for i in ex.candidates]))
+                                                     [self.ds.titles[i] for i in ex.candidates],
+                                                     ex.retriever_scores or None))
                    for ex in examples]
         span = batch * BUCKET_WINDOW
         batches = []
@@ -207,8 +210,8 @@ class Finetuner:
         the candidates' letters (``loss: letters``), plus the calibrated retriever
         log-probabilities times ``residual_weight`` in residual training."""
         encoded = [self.ranker.builder.training_example(
-            [self.ds.titles[i] for i in ex.history], [self.ds.titles[i] for i in ex.candidates], ex.target)
-            for ex in examples]
+            [self.ds.titles[i] for i in ex.history], [self.ds.titles[i] for i in ex.candidates], ex.target,
+            ex.retriever_scores or None) for ex in examples]
         pad = self.tokenizer.pad_token_id
         with self._autocast():
             logits = next_token_logits(self.train_model, [e.input_ids[:-1] for e in encoded],

@@ -18,6 +18,7 @@ always encoded with the tokenizer's default special tokens (``add_special_tokens
 from __future__ import annotations
 
 import functools
+import math
 import re
 import string
 import sys
@@ -40,6 +41,9 @@ from llamarec.errors import LlamarecError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+RETRIEVER_FIELDS = {"retriever_rank", "retriever_prob"}
+"""Optional placeholders of ``candidate_item``: what the retriever thinks of each candidate."""
 
 LETTERS = "ABCDEFGHIJKLMNOPQRST"
 """Index letters of the candidates, in order; the candidate pool holds at most 20 items."""
@@ -79,7 +83,10 @@ class PromptConfig(BaseModel):
         description="the input section; placeholders {history} and {candidates}",
     )
     history_item: str = Field("({index}) {title}", description="placeholders {index}, {title}")
-    candidate_item: str = Field("({letter}) {title}", description="placeholders {letter}, {title}")
+    candidate_item: str = Field(
+        "({letter}) {title}",
+        description="placeholders {letter}, {title}; optionally {retriever_rank} (1 = the retriever's first "
+                    "choice) and {retriever_prob} (its softmax probability over the candidates, in whole percent)")
     separator: str = Field(" \n ", description="between history items and between candidates")
     max_history: int = Field(20, ge=1, description="most recent history items kept")
     max_title_tokens: int = Field(32, ge=1, description="each title is cut to this many tokens")
@@ -97,13 +104,20 @@ class PromptConfig(BaseModel):
             "history_item": {"index", "title"},
             "candidate_item": {"letter", "title"},
         }[info.field_name]
+        optional = RETRIEVER_FIELDS if info.field_name == "candidate_item" else set()
         try:
             found = _fields(value)
         except ValueError as exc:
             raise ValueError(f"not a valid format string ({exc})") from exc
-        if found != expected:
-            raise ValueError(f"placeholders must be {sorted(expected)}, found {sorted(found)}")
+        if not expected <= found <= expected | optional:
+            extra = f" (optionally {sorted(optional)})" if optional else ""
+            raise ValueError(f"placeholders must be {sorted(expected)}{extra}, found {sorted(found)}")
         return value
+
+    @property
+    def shows_retriever(self) -> bool:
+        """Whether candidates are shown with the retriever's rank or probability."""
+        return bool(_fields(self.candidate_item) & RETRIEVER_FIELDS)
 
     @classmethod
     def from_file(cls, path: str | Path) -> PromptConfig:
@@ -239,6 +253,20 @@ def answer_token_id(tokenizer: PreTrainedTokenizerBase, prompt: str, letter: str
     return full[-1]
 
 
+def retriever_fields(scores: Sequence[float] | None, n: int) -> list[dict[str, int]]:
+    """``{retriever_rank, retriever_prob}`` per candidate from the retriever's scores: rank 1 is
+    the highest score, the probability is the softmax over the candidates in whole percent."""
+    if scores is None or len(scores) != n:
+        raise LlamarecError(f"this prompt shows the retriever's rank or probability: it needs {n} retriever "
+                            f"scores, got {'none' if scores is None else len(scores)}")
+    values = [float(s) for s in scores]
+    top = max(values)
+    weights = [math.exp(v - top) for v in values]
+    ranks = {j: rank for rank, j in enumerate(sorted(range(n), key=lambda j: -values[j]), 1)}
+    return [{"retriever_rank": ranks[j], "retriever_prob": round(100 * w / sum(weights))}
+            for j, w in enumerate(weights)]
+
+
 @dataclass(frozen=True)
 class TrainingExample:
     """Prompt plus answer letter, with labels for a loss on the answer token only.
@@ -296,22 +324,26 @@ class PromptBuilder:
             return text
         return text[: enc["offset_mapping"][limit - 1][1]].rstrip()
 
-    def build(self, history_titles: Sequence[str], candidate_titles: Sequence[str]) -> str:
+    def build(self, history_titles: Sequence[str], candidate_titles: Sequence[str],
+              retriever_scores: Sequence[float] | None = None) -> str:
         """The prompt text, ending exactly where the answer letter follows (see :meth:`build_with_ids`)."""
-        return self.build_with_ids(history_titles, candidate_titles)[0]
+        return self.build_with_ids(history_titles, candidate_titles, retriever_scores)[0]
 
-    def build_ids(self, history_titles: Sequence[str], candidate_titles: Sequence[str]) -> list[int]:
+    def build_ids(self, history_titles: Sequence[str], candidate_titles: Sequence[str],
+                  retriever_scores: Sequence[float] | None = None) -> list[int]:
         """The token ids of :meth:`build`'s prompt (``encode(tokenizer, prompt)``)."""
-        return self.build_with_ids(history_titles, candidate_titles)[1]
+        return self.build_with_ids(history_titles, candidate_titles, retriever_scores)[1]
 
-    def build_with_ids(self, history_titles: Sequence[str], candidate_titles: Sequence[str]) -> tuple[str, list[int]]:
+    def build_with_ids(self, history_titles: Sequence[str], candidate_titles: Sequence[str],
+                       retriever_scores: Sequence[float] | None = None) -> tuple[str, list[int]]:
         """The prompt text and its token ids, tokenized once.
 
         ``history_titles`` is chronological (oldest first); only the last ``max_history`` are
         used, numbered from (1). If the prompt is longer than ``max_prompt_tokens`` the oldest
         history items are dropped one at a time, but the instruction, all candidates and the
         most recent history item are always kept; if even that is too long a
-        :class:`LlamarecError` says so.
+        :class:`LlamarecError` says so. ``retriever_scores`` (aligned with the candidates) are
+        needed when ``candidate_item`` shows the retriever's rank or probability.
         """
         if not history_titles:
             raise LlamarecError("cannot build a ranking prompt for an empty history")
@@ -322,9 +354,10 @@ class PromptBuilder:
             )
         cfg = self.config
         history = [self.title(t) for t in history_titles[-cfg.max_history :]]
+        shown = retriever_fields(retriever_scores, len(candidate_titles)) if cfg.shows_retriever else None
         candidates = cfg.separator.join(
-            cfg.candidate_item.format(letter=letter, title=self.title(title))
-            for letter, title in zip(LETTERS, candidate_titles, strict=False)
+            cfg.candidate_item.format(letter=letter, title=self.title(title), **(shown[j] if shown else {}))
+            for j, (letter, title) in enumerate(zip(LETTERS, candidate_titles, strict=False))
         )
         for start in range(len(history)):
             text = self._render(history[start:], candidates)
@@ -339,14 +372,15 @@ class PromptBuilder:
         )
 
     def training_example(
-        self, history_titles: Sequence[str], candidate_titles: Sequence[str], answer: int
+        self, history_titles: Sequence[str], candidate_titles: Sequence[str], answer: int,
+        retriever_scores: Sequence[float] | None = None,
     ) -> TrainingExample:
         """The prompt followed by the letter of ``candidate_titles[answer]``, ready for training."""
         if not 0 <= answer < len(candidate_titles):
             raise LlamarecError(
                 f"answer index {answer} is outside the candidate pool of {len(candidate_titles)}"
             )
-        prompt, prompt_ids = self.build_with_ids(history_titles, candidate_titles)
+        prompt, prompt_ids = self.build_with_ids(history_titles, candidate_titles, retriever_scores)
         letter_id = answer_token_id(self.tokenizer, prompt, LETTERS[answer])
         input_ids = prompt_ids + [letter_id]
         position = len(input_ids) - 1
