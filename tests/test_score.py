@@ -248,3 +248,28 @@ def test_a_dataframe_of_histories_and_the_ray_engine_without_ray(tiny_pipeline_r
     monkeypatch.setitem(__import__("sys").modules, "ray", None)  # `import ray` fails as if not installed
     with pytest.raises(LlamarecError, match=r'the ray engine needs the ray extra: pip install -e "\.\[ray\]"'):
         score(tiny_pipeline_run, HISTORIES, engine="ray")
+
+
+def test_a_cluster_that_asks_for_a_token_is_a_one_line_error_that_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What ray 2.60 raises when a client joins a cluster with token authentication without a token."""
+    import sys
+    import types
+
+    from llamarec.score_ray import connect
+
+    def init(**_):
+        try:
+            raise RuntimeError("Failed to connect to GCS. Last connection error: Traceback (most recent call last):\n"
+                               "ray.exceptions.AuthenticationError: RPC error: InvalidAuthToken: Authentication "
+                               "token is missing or incorrect.")
+        except RuntimeError as cause:
+            raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.1:6379") from cause
+
+    fake = types.SimpleNamespace(is_initialized=lambda: False, init=init,
+                                 exceptions=types.SimpleNamespace(AuthenticationError=type("E", (Exception,), {})))
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    message = (r"^ray address '10.0.0.1:6379': cannot connect \(Failed to connect to Ray cluster at 10.0.0.1:6379\); "
+               r"the cluster asks for a token: set RAY_AUTH_MODE=token")
+    with pytest.raises(LlamarecError, match=message) as info:
+        connect(1, "10.0.0.1:6379")
+    assert "\n" not in str(info.value)

@@ -1,16 +1,30 @@
-"""Batch scoring on Ray Data: the same table as the local engine, resume, errors. One local
-cluster (2 CPUs) serves the whole module."""
+"""Batch scoring on Ray Data: the same table as the local engine, resume, errors; ``rank
+evaluate`` on Ray; joining a cluster started with ``ray start``. One local cluster (2 CPUs)
+serves the whole module; the joined cluster is a second one, used from subprocesses."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+import llamarec.ranking.evaluate as evaluation
 import llamarec.score as scoring
 from llamarec.errors import LlamarecError
+from llamarec.ranking.evaluate import evaluate_ranker
 from llamarec.score import read_scores, score
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]')")
@@ -88,3 +102,94 @@ def test_the_ray_module_is_imported_only_for_the_ray_engine() -> None:
             "assert 'ray' not in sys.modules and 'llamarec.score_ray' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
     assert scoring.ENGINES == ("local", "ray")
+
+
+def test_rank_evaluate_on_ray_equals_local(tiny_pipeline_run: Path, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    ranker = tiny_pipeline_run / "ranker"
+    options = {"order": "average", "permutations": 2, "calibrate": True}  # the letter prior: a second pass
+    local = evaluate_ranker(ranker, out=tmp_path / "local", **options)
+
+    def not_here(*_, **__):
+        raise AssertionError("the driver loaded the ranker")
+
+    monkeypatch.setattr(evaluation, "load_ranker", not_here)  # the actors' own processes are not patched
+    remote = evaluate_ranker(ranker, out=tmp_path / "ray", engine="ray", workers=2, **options)
+    assert remote == local and local["scoring"]["letter_prior"] is not None
+    for name in ("metrics.json", "ranks.csv"):
+        assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
+
+
+# --------------------------------------------------------------------------- an existing cluster
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for sock in sockets:
+        sock.bind(("", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def _stop(head: subprocess.Popen) -> None:
+    """SIGTERM: ``ray start --block`` stops its node's processes and exits; whatever is left of
+    its process group then gets SIGKILL. Not ``ray stop``: that stops every Ray process of the
+    machine, the module's own cluster included."""
+    head.terminate()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        head.wait(timeout=60)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(head.pid, signal.SIGKILL)
+    head.wait()
+
+
+@pytest.fixture
+def ray_head() -> Iterator[tuple[dict[str, str], Path]]:
+    """A head node started with the ray CLI, as on a cluster (2 CPUs, token authentication with
+    a token of its own), stopped after the test however it ends. Yields what a client needs
+    in its environment (RAY_ADDRESS, RAY_AUTH_MODE, RAY_AUTH_TOKEN) and the node's temp dir."""
+    cli = Path(sys.executable).parent / "ray"
+    if not cli.is_file():
+        pytest.skip(f"no ray CLI at {cli}")
+    port, dashboard, agent = _free_ports(3)
+    temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths must fit in 107 bytes
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    command = [str(cli), "start", "--head", "--block", "--num-cpus=2", "--include-dashboard=false", f"--port={port}",
+               f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}",
+               "--object-store-memory=100000000", f"--temp-dir={temp}", "--disable-usage-stats"]
+    with (temp / "start.log").open("w") as log:
+        head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **auth, "RAY_USAGE_STATS_ENABLED": "0",
+                                     "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"})  # stop at once
+    try:
+        deadline = time.monotonic() + 120
+        while not (temp / "ray_current_cluster").is_file():
+            if head.poll() is not None or time.monotonic() > deadline:
+                lines = (temp / "start.log").read_text().strip().splitlines() or ["no output"]
+                pytest.skip(f"cannot start a Ray head node here ({' '.join(command[1:4])}): {lines[-1]}")
+            time.sleep(0.5)
+        yield {**auth, "RAY_ADDRESS": (temp / "ray_current_cluster").read_text().strip()}, temp
+    finally:
+        _stop(head)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_joining_a_running_cluster(ray_head: tuple[dict[str, str], Path], tiny_pipeline_run: Path, tmp_path: Path,
+                                   run_llamarec) -> None:
+    """``--address`` and ``RAY_ADDRESS``, from subprocesses (this process has the module's cluster)."""
+    env, head_dir = ray_head
+    address, auth = env["RAY_ADDRESS"], {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
+    out = tmp_path / "scores"
+    result = run_llamarec("score", "--run", str(tiny_pipeline_run), "--out", str(out), "-k", "4", "--shards", "2",
+                          "--device", "cpu", "--engine", "ray", "--workers", "2", "--address", address, **auth)
+    assert result.returncode == 0, result.stderr
+    pd.testing.assert_frame_equal(read_scores(out), score(tiny_pipeline_run, k=4, shards=2))
+
+    ranker, evaluated = tiny_pipeline_run / "ranker", tmp_path / "eval"
+    result = run_llamarec("rank", "evaluate", "--ranker", str(ranker), "--out", str(evaluated), "--limit", "3",
+                          "--engine", "ray", "--workers", "2", **env)
+    assert result.returncode == 0, result.stderr
+    local = evaluate_ranker(ranker, limit=3, out=tmp_path / "local")
+    assert json.loads((evaluated / "metrics.json").read_text()) == local
+    # both jobs ran on that cluster, not on one of their own
+    assert len(list((head_dir / "session_latest" / "logs").glob("python-core-driver-*.log"))) == 2

@@ -196,16 +196,25 @@ def rank_evaluate(
     dtype: Annotated[str | None, typer.Option(help="Override the run's dtype: float32, bfloat16, ...")] = None,
     calibrate: Annotated[bool, typer.Option(
         "--calibrate", help="Subtract the letter prior estimated on shuffled validation prompts.")] = False,
+    engine: Annotated[str, typer.Option(
+        help="Where the ranker scores the users: local (this process) or ray (Ray actors, each loading "
+             "the ranker from RANKER; pip install -e \".\\[ray]\"). Same results.")] = "local",
+    workers: Annotated[int, typer.Option(help="Ray actors, one ranker each (--engine ray).")] = 1,
+    address: Annotated[str | None, typer.Option(
+        help="Ray cluster to join: auto or HOST:PORT (or RAY_ADDRESS); default: a local one of --workers CPUs.")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Evaluate ranker vs retriever (valid subset and overall, with fusion, paired differences
-    with 95 % bootstrap intervals) and write metrics.json."""
+    with 95 % bootstrap intervals) and write metrics.json. With --engine ray the ranker's scores
+    are spread over --workers Ray actors; fusion and metrics are computed here."""
     from llamarec.ranking.evaluate import evaluate_ranker
 
     if order not in ("retriever", "shuffled", "average"):
         raise LlamarecError(f"--order {order!r}: expected retriever, shuffled or average")
     results = evaluate_ranker(ranker, zero_shot=zero_shot, order=order, permutations=permutations,
-                              limit=limit, out=out, dtype=dtype, calibrate=calibrate)
+                              limit=limit, out=out, dtype=dtype, calibrate=calibrate, engine=engine,
+                              workers=workers, address=address)
     if as_json:
         print(json.dumps(results, indent=2))
         return

@@ -377,6 +377,21 @@ def read_scores(out: str | Path) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------- entry point
+def check_engine(engine: str, workers: int) -> None:
+    """One-line errors for an unknown engine or a number of workers it cannot run (also used by
+    ``rank evaluate``, which scores its users through the same engines)."""
+    if engine not in ENGINES:
+        raise LlamarecError(f"engine {engine!r}: use local or ray")
+    _check_count("workers", workers)
+    if engine == "local" and workers != 1:
+        raise LlamarecError(f"workers={workers}: the local engine runs one process; use engine ray")
+
+
+def _check_count(name: str, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+        raise LlamarecError(f"{name}={value!r}: must be a whole number of at least 1")
+
+
 def score(run_dir: str | Path, histories=None, out: str | Path | None = None, *, k: int = 10,
           engine: str = "local", workers: int = 1, batch_size: int | None = None, shards: int | None = None,
           device: str = "cpu", address: str | None = None, force: bool = False):
@@ -387,13 +402,9 @@ def score(run_dir: str | Path, histories=None, out: str | Path | None = None, *,
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise LlamarecError(f"{run_dir}: no such run directory")
-    if engine not in ENGINES:
-        raise LlamarecError(f"engine {engine!r}: use local or ray")
-    for name, value in (("k", k), ("workers", workers), ("batch_size", batch_size), ("shards", shards)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
-            raise LlamarecError(f"{name}={value!r}: must be a whole number of at least 1")
-    if engine == "local" and workers != 1:
-        raise LlamarecError(f"workers={workers}: the local engine runs one process; use engine ray")
+    check_engine(engine, workers)
+    for name, value in (("k", k), ("batch_size", batch_size), ("shards", shards)):
+        _check_count(name, value)
     if device == "auto":
         from llamarec.devices import resolve_device
 

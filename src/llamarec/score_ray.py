@@ -6,21 +6,33 @@ class loads the :class:`~llamarec.pipeline.Recommender` from the run directory o
 :func:`~llamarec.score.score_batch`. The driver streams the results back and hands each shard,
 once all its users are in, to the same writer as the local engine, so the manifest, the resume
 and the table are the same whichever engine ran.
+
+``rank evaluate --engine ray`` uses the same machinery (:func:`rerank_ray`): the evaluation's
+planned chunks of users are the rows, and :class:`ExampleScorer` loads the ranker from the
+ranker run directory once per actor and returns its letter scores.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from llamarec.errors import LlamarecError
 from llamarec.score import Shard, assemble, load_recommender, score_batch
+
+if TYPE_CHECKING:
+    import torch
+
+    from llamarec.ranking.scoring import ScoringConfig
 
 logger = logging.getLogger(__name__)
 
@@ -69,40 +81,30 @@ def connect(workers: int, address: str | None) -> bool:
             ray.init(address=address, log_to_driver=False)
         else:
             ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
-    except ConnectionError as exc:
-        raise LlamarecError(f"ray address {address!r}: cannot connect ({' '.join(str(exc).split())[:200]})") from None
+    except (ConnectionError, ray.exceptions.AuthenticationError) as exc:
+        raise LlamarecError(f"ray address {address!r}: cannot connect ({' '.join(str(exc).split())[:200]})"
+                            f"{_auth_hint(exc)}") from None
     return True
 
 
-def run_ray(run_dir: Path, todo: list[Shard], sink, *, k: int, batch_size: int, device: str, workers: int,
-            address: str | None) -> None:
+def _auth_hint(exc: Exception) -> str:
+    """Ray (2.60) starts clusters with token authentication, but a client given an address (not
+    ``auto``) sends a token only when told to: say so when that is why the connection failed."""
+    if "AuthToken" in f"{exc} {exc.__cause__}" or "authentication token" in str(exc):
+        return ("; the cluster asks for a token: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or "
+                "~/.ray/auth_token) to the cluster's")
+    return ""
+
+
+@contextlib.contextmanager
+def session(workers: int, address: str | None) -> Iterator[None]:
+    """Ray for the duration of the block (see :func:`connect`), shut down after when started
+    here; an error raised on a worker becomes one line. Nested sessions share the outer one."""
     started = connect(workers, address)
     import ray
 
     try:
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        rows = [{"shard": s.index, "positions": batch, "user_ids": [s.user_ids[i] for i in batch],
-                 "histories": json.dumps([s.histories[i] for i in batch], default=str, ensure_ascii=False)}
-                for s in todo for batch in s.batches]
-        # Blocks of about 16 batches: every actor gets work, and results (so shards) come back as they are done.
-        n_blocks = max(min(len(rows), 4 * workers), len(rows) // 16)
-        blocks = [pd.DataFrame(rows[b * len(rows) // n_blocks:(b + 1) * len(rows) // n_blocks])
-                  for b in range(n_blocks)]
-        gpus = 1 if device.startswith("cuda") else 0
-        results = ray.data.from_pandas(blocks).map_batches(
-            BatchScorer, batch_size=1, batch_format="pandas",
-            compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1, num_gpus=gpus,
-            fn_constructor_kwargs={"run_dir": str(run_dir.resolve()), "device": "cuda" if gpus else device,
-                                   "k": k, "batch_size": batch_size, "threads": 1})
-        by_index = {s.index: s for s in todo}
-        pending: dict[int, list[pd.DataFrame]] = {s.index: [] for s in todo}
-        seen: dict[int, set] = {s.index: set() for s in todo}
-        for frame in results.iter_batches(batch_size=None, batch_format="pandas"):
-            for index, part in frame.groupby("shard", sort=False):
-                pending[index].append(part.drop(columns="shard"))
-                seen[index].update(part["pos"].tolist())
-                if len(seen[index]) == len(by_index[index].user_ids):
-                    sink.put(by_index[index], *assemble(pending.pop(index)))
+        yield
     except ray.exceptions.RayError as exc:
         if os.environ.get("LLAMAREC_DEBUG"):
             raise
@@ -110,5 +112,93 @@ def run_ray(run_dir: Path, todo: list[Shard], sink, *, k: int, batch_size: int, 
     finally:
         if started:
             ray.shutdown()
+
+
+def on_actors(rows: list[dict], fn: type, kwargs: dict, workers: int, gpus: int):
+    """A Ray dataset of ``rows`` (one unit of work each) mapped by ``fn``, a callable class built
+    once per actor with ``kwargs``, on a pool of ``workers`` actors of one CPU (and ``gpus`` GPUs)."""
+    import ray
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    # Blocks of about 16 rows: every actor gets work, and results come back as they are done.
+    n_blocks = max(min(len(rows), 4 * workers), len(rows) // 16)
+    blocks = [pd.DataFrame(rows[b * len(rows) // n_blocks:(b + 1) * len(rows) // n_blocks]) for b in range(n_blocks)]
+    return ray.data.from_pandas(blocks).map_batches(
+        fn, batch_size=1, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1,
+        num_gpus=gpus, fn_constructor_kwargs=kwargs)
+
+
+def run_ray(run_dir: Path, todo: list[Shard], sink, *, k: int, batch_size: int, device: str, workers: int,
+            address: str | None) -> None:
+    rows = [{"shard": s.index, "positions": batch, "user_ids": [s.user_ids[i] for i in batch],
+             "histories": json.dumps([s.histories[i] for i in batch], default=str, ensure_ascii=False)}
+            for s in todo for batch in s.batches]
+    gpus = 1 if device.startswith("cuda") else 0
+    kwargs = {"run_dir": str(run_dir.resolve()), "device": "cuda" if gpus else device, "k": k,
+              "batch_size": batch_size, "threads": 1}
+    by_index = {s.index: s for s in todo}
+    pending: dict[int, list[pd.DataFrame]] = {s.index: [] for s in todo}
+    seen: dict[int, set] = {s.index: set() for s in todo}
+    with session(workers, address):
+        results = on_actors(rows, BatchScorer, kwargs, workers, gpus)
+        for frame in results.iter_batches(batch_size=None, batch_format="pandas"):
+            for index, part in frame.groupby("shard", sort=False):
+                pending[index].append(part.drop(columns="shard"))
+                seen[index].update(part["pos"].tolist())
+                if len(seen[index]) == len(by_index[index].user_ids):
+                    sink.put(by_index[index], *assemble(pending.pop(index)))
     if pending:
         raise LlamarecError(f"ray returned no results for shard(s) {', '.join(map(str, sorted(pending)))}")
+
+
+# --------------------------------------------------------------------------- rank evaluate
+class ExampleScorer:
+    """Ray Data callable class of ``rank evaluate --engine ray``: one ranker per actor, loaded
+    from the ranker run directory; the letter scores of one planned chunk of users per call,
+    through :func:`~llamarec.ranking.evaluate.rerank_chunk` like the local engine."""
+
+    def __init__(self, rank_dir: str, titles: list[str], zero_shot: bool, dtype: str | None, device: str,
+                 scoring: dict, threads: int) -> None:
+        import torch
+
+        from llamarec.ranking.evaluate import dtype_name
+        from llamarec.ranking.ranker import load_ranker
+        from llamarec.ranking.scoring import ScoringConfig
+
+        torch.set_num_threads(threads)
+        self.ranker = load_ranker(Path(rank_dir), titles, zero_shot=zero_shot, device=device, dtype=dtype)
+        self.scoring = ScoringConfig.model_validate(scoring)
+        self.dtype = dtype_name(self.ranker)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        from llamarec.ranking.evaluate import rerank_chunk
+
+        frames = []
+        for positions, examples in zip(batch["positions"], batch["examples"]):
+            scores = rerank_chunk(self.ranker, json.loads(examples), self.scoring).numpy()
+            frames.append(pd.DataFrame({"pos": np.asarray(positions, dtype=np.int64), "scores": list(scores),
+                                        "dtype": self.dtype}))
+        return pd.concat(frames, ignore_index=True)
+
+
+def rerank_ray(rank_dir: Path, examples: Sequence[tuple[list[int], list[int], list[float]]],
+               chunks: list[list[int]], scoring: ScoringConfig, *, titles: Sequence[str], zero_shot: bool,
+               dtype: str | None, device: str, workers: int, address: str | None = None) -> tuple[torch.Tensor, str]:
+    """The ranker's letter scores ``[len(examples), n]`` of ``(history, candidates, retriever
+    scores)`` examples, in input order, each of ``chunks`` (positions in ``examples``) reranked
+    in one call of an actor; and the dtype the ranker ran in. ``titles`` are the item titles the
+    prompts show (data, shipped once per actor; the models are read from ``rank_dir``)."""
+    import torch
+
+    rows = [{"positions": chunk, "examples": json.dumps([examples[i] for i in chunk])} for chunk in chunks]
+    gpus = 1 if device.startswith("cuda") else 0
+    kwargs = {"rank_dir": str(Path(rank_dir).resolve()), "titles": list(titles), "zero_shot": zero_shot,
+              "dtype": dtype, "device": "cuda" if gpus else device, "scoring": scoring.model_dump(), "threads": 1}
+    with session(workers, address):
+        frame = pd.concat(list(on_actors(rows, ExampleScorer, kwargs, workers, gpus).iter_batches(
+            batch_size=None, batch_format="pandas")), ignore_index=True)
+    if sorted(frame["pos"].tolist()) != list(range(len(examples))):
+        raise LlamarecError(f"ray returned the scores of {frame['pos'].nunique()} of {len(examples)} users")
+    scores = np.empty((len(examples), len(frame["scores"].iloc[0])), dtype=np.float32)
+    scores[frame["pos"].to_numpy()] = np.stack(frame["scores"].to_numpy())
+    return torch.from_numpy(scores), str(frame["dtype"].iloc[0])

@@ -234,3 +234,48 @@ def test_evaluation_scores_are_the_served_scores(tiny_pipeline_run):
         labels = torch.tensor([ex.target for ex in examples])
         assert target_ranks(llm, labels).tolist() == part["ranker_rank"].tolist()
         assert target_ranks(final, labels).tolist() == part["fusion_rank"].tolist()
+
+
+# --------------------------------------------------------------------------- engines
+
+def test_the_local_engine_reranks_planned_chunks_in_input_order(tiny_rank_run, tiny_retriever_run, tiny_dataset,
+                                                               monkeypatch):
+    from llamarec.ranking.evaluate import LocalScores, plan_chunks
+    from llamarec.ranking.ranker import load_ranker
+    from llamarec.ranking.scoring import ScoringConfig
+
+    examples = evaluation_examples(tiny_dataset, load_candidates(tiny_retriever_run, "test"), "test")[:7]
+    chunks = plan_chunks(examples, tiny_dataset.titles, 3)
+    sizes = [sum(len(tiny_dataset.titles[i]) for i in (*ex.history, *ex.candidates)) for ex in examples]
+    assert sorted(i for c in chunks for i in c) == list(range(7)) and [len(c) for c in chunks] == [3, 3, 1]
+    assert [sizes[i] for c in chunks for i in c] == sorted(sizes, reverse=True)  # longest prompts first
+
+    ranker = load_ranker(tiny_rank_run, tiny_dataset.titles, batch_size=3)
+    calls, rerank = [], ranker.rerank
+
+    def counting(histories, *args):
+        calls.append(len(histories))
+        return rerank(histories, *args)
+
+    monkeypatch.setattr(ranker, "rerank", counting)
+    scores = LocalScores(ranker)(examples, ScoringConfig())
+    assert calls == [3, 3, 1]  # one rerank per chunk
+    torch.testing.assert_close(scores, ranker.score(examples), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"engine": "spark"}, r"engine 'spark': use local or ray"),
+    ({"workers": 2}, r"workers=2: the local engine runs one process; use engine ray"),
+    ({"engine": "ray", "workers": 0}, r"workers=0: must be a whole number of at least 1"),
+])
+def test_bad_engine_options(tiny_rank_run, tmp_path, kwargs, message):
+    with pytest.raises(LlamarecError, match=message):
+        evaluate_ranker(tiny_rank_run, out=tmp_path, **kwargs)
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_cli_passes_the_engine_options(tiny_pipeline_run, tmp_path, run_llamarec):
+    result = run_llamarec("rank", "evaluate", "--ranker", str(tiny_pipeline_run / "ranker"), "--out", str(tmp_path),
+                          "--engine", "local", "--workers", "2")
+    assert result.returncode == 1
+    assert result.stderr == "error: workers=2: the local engine runs one process; use engine ray\n"

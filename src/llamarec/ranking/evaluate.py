@@ -6,24 +6,36 @@ the retriever's on the other users, weighted by their sizes. Scores come from
 :meth:`Ranker.rerank <llamarec.ranking.ranker.Ranker.rerank>`, the path serving uses, and the
 fusion weight is tuned on validation users only (a residually trained ranker keeps the weight
 it was trained with). Paired differences to the retriever come with 95 % bootstrap intervals.
+
+The ranker's letter scores, the expensive part, go through one of batch scoring's engines:
+``local`` in this process, or ``ray`` on a Ray Data actor pool
+(:func:`llamarec.score_ray.rerank_ray`) whose actors load the ranker from the run directory.
+The users are planned into chunks first (:func:`plan_chunks`) and both engines rerank exactly
+these chunks, so their results are identical; the rest (fusion, metrics, intervals) runs here.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
 from llamarec.candidates import Candidates, load_candidates
+from llamarec.configs import read_json_config
 from llamarec.data import load_run_dataset
 from llamarec.errors import LlamarecError
 from llamarec.io import atomic_path, write_json
-from llamarec.layout import EVAL_METRICS, EVAL_RANKS
+from llamarec.layout import EVAL_METRICS, EVAL_RANKS, PROMPT_FILE
 from llamarec.manifest import record
 from llamarec.metrics import metrics_from_ranks, overall_metrics, paired_bootstrap, per_user_metric, target_ranks
-from llamarec.ranking.config import verify_ranker_run
+from llamarec.ranking.config import RankConfig, verify_ranker_run
 from llamarec.ranking.examples import RankExample, evaluation_examples
+from llamarec.ranking.prompt import PromptConfig
 from llamarec.ranking.ranker import Ranker, load_ranker, read_rank_config, read_ranker_scale
 from llamarec.ranking.scoring import (
     KS,
@@ -82,16 +94,103 @@ def comparisons(cands: Candidates, ranks: dict[str, torch.Tensor], seed: int = 0
     return out
 
 
-def letter_prior(ranker: Ranker, examples: list[RankExample], seed: int) -> list[float]:
-    """The ranker's letter prior, estimated on ``examples`` shown in a random order."""
-    n = len(examples[0].candidates)
-    shuffled = seeded_orders(n, 2, seed + 1)[1]
-    return estimate_letter_prior(ranker.shown_scores(examples, [shuffled])[0])
+# --------------------------------------------------------------------------- letter scores
+def plan_chunks(examples: Sequence[RankExample], titles: Sequence[str], batch_size: int) -> list[list[int]]:
+    """Positions of ``examples`` in chunks of ``batch_size``, longest prompt (in characters of
+    the titles it shows) first, so a chunk pads little. Each chunk is one ``Ranker.rerank`` call,
+    whichever engine runs it: a batch's composition changes scores in the last digits."""
+    sizes = [sum(len(titles[i]) for i in (*ex.history, *ex.candidates)) for ex in examples]
+    order = sorted(range(len(examples)), key=lambda i: -sizes[i])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def rerank_chunk(ranker: Ranker, examples: Sequence[Sequence], scoring: ScoringConfig) -> torch.Tensor:
+    """The letter scores ``[len(examples), n]`` of ``(history, candidates, retriever scores)``
+    examples, by :meth:`Ranker.rerank`; the one call of both engines."""
+    histories, candidates, retriever = zip(*examples)
+    return ranker.rerank([list(h) for h in histories], np.asarray(candidates, dtype=np.int64),
+                         np.asarray(retriever, dtype=np.float32), scoring)[0]
+
+
+def dtype_name(ranker: Ranker) -> str:
+    return str(next(ranker.model.parameters()).dtype).removeprefix("torch.")
+
+
+def _plain(ex: RankExample) -> tuple[list[int], list[int], list[float]]:
+    return list(ex.history), list(ex.candidates), list(ex.retriever_scores)
+
+
+class LocalScores:
+    """Letter scores of evaluation examples in this process (engine ``local``)."""
+
+    def __init__(self, ranker: Ranker) -> None:
+        self.ranker, self.dtype = ranker, dtype_name(ranker)
+
+    def __call__(self, examples: Sequence[RankExample], scoring: ScoringConfig) -> torch.Tensor:
+        out = torch.empty(len(examples), len(examples[0].candidates))
+        for chunk in plan_chunks(examples, self.ranker.titles, self.ranker.scorer.batch_size):
+            out[chunk] = rerank_chunk(self.ranker, [_plain(examples[i]) for i in chunk], scoring)
+        return out
+
+
+class RayScores:
+    """Letter scores of evaluation examples on a Ray Data actor pool (engine ``ray``); the
+    driver never loads the ranker, every actor loads it from ``rank_dir``."""
+
+    def __init__(self, rank_dir: Path, titles: Sequence[str], cfg: RankConfig, *, zero_shot: bool,
+                 dtype: str | None, workers: int) -> None:
+        from llamarec.devices import resolve_device
+
+        device = str(resolve_device()) if cfg.device == "auto" else cfg.device
+        self.rank_dir, self.titles, self.batch_size = rank_dir, titles, cfg.eval_batch_size
+        self.options = {"zero_shot": zero_shot, "dtype": dtype, "device": device, "workers": workers}
+        self.dtype: str | None = None  # known once the actors have loaded the ranker
+
+    def __call__(self, examples: Sequence[RankExample], scoring: ScoringConfig) -> torch.Tensor:
+        from llamarec.score_ray import rerank_ray
+
+        chunks = plan_chunks(examples, self.titles, self.batch_size)
+        scores, self.dtype = rerank_ray(self.rank_dir, [_plain(ex) for ex in examples], chunks, scoring,
+                                        titles=self.titles, **self.options)
+        return scores
+
+
+@contextlib.contextmanager
+def letter_scores(engine: str, rank_dir: Path, titles: Sequence[str], cfg: RankConfig, *, zero_shot: bool,
+                  dtype: str | None, workers: int, address: str | None) -> Iterator[LocalScores | RayScores]:
+    """The engine's scorer; with ray, one cluster (joined or started) for all its calls."""
+    if engine == "local":
+        yield LocalScores(load_ranker(rank_dir, titles, zero_shot=zero_shot, dtype=dtype))
+        return
+    from llamarec.score_ray import session
+
+    with session(workers, address):
+        yield RayScores(rank_dir, titles, cfg, zero_shot=zero_shot, dtype=dtype, workers=workers)
+
+
+def letter_prior(scores: Ranker | LocalScores | RayScores, examples: list[RankExample], seed: int) -> list[float]:
+    """The ranker's letter prior, estimated on ``examples`` shown in a random order (scored as
+    examples whose candidates come in that order)."""
+    if isinstance(scores, Ranker):
+        scores = LocalScores(scores)
+    shuffled = seeded_orders(len(examples[0].candidates), 2, seed + 1)[1]
+    shown = [dataclasses.replace(ex, candidates=tuple(ex.candidates[i] for i in shuffled),
+                                 retriever_scores=tuple(ex.retriever_scores[i] for i in shuffled),
+                                 target=shuffled.index(ex.target)) for ex in examples]
+    return estimate_letter_prior(scores(shown, ScoringConfig()))
+
+
+def _max_history(rank_dir: Path, cfg: RankConfig) -> int:
+    """The prompt's history window, as :func:`load_ranker` sets it, without loading the model."""
+    path = rank_dir / PROMPT_FILE
+    return (read_json_config(PromptConfig, path) if path.is_file() else cfg.prompt_config()).max_history
+
+
+# --------------------------------------------------------------------------- evaluation
 def evaluate_ranker(rank_dir: Path, *, zero_shot: bool = False, order: Order = "retriever",
                     permutations: int = 3, limit: int | None = None, out: Path | None = None,
-                    seed: int = 0, dtype: str | None = None, calibrate: bool = False) -> dict:
+                    seed: int = 0, dtype: str | None = None, calibrate: bool = False,
+                    engine: str = "local", workers: int = 1, address: str | None = None) -> dict:
     """Score validation and test valid-subset users, tune fusion on validation, write
     ``metrics.json`` (with the :class:`ScoringConfig` to serve the ranker with) and
     ``ranks.csv`` (one row per evaluated user and split) into ``out``.
@@ -99,13 +198,16 @@ def evaluate_ranker(rank_dir: Path, *, zero_shot: bool = False, order: Order = "
     ``limit`` scores only the first ``limit`` valid users of each split (the same users for
     every method), for quick runs; ``dtype`` overrides the run's dtype (e.g. to compare
     bfloat16 with float32 scoring); ``calibrate`` subtracts the letter prior estimated on the
-    validation users.
+    validation users. ``engine`` ``ray`` scores the users on ``workers`` Ray actors, on the
+    cluster of ``address`` (or ``RAY_ADDRESS``) or on a local one; the results are the same.
     """
+    from llamarec.score import check_engine
+
+    check_engine(engine, workers)
     verify_ranker_run(rank_dir, adapter=not zero_shot)
     cfg = read_rank_config(rank_dir)
     ds = load_run_dataset(cfg.retriever)
-    ranker = load_ranker(rank_dir, ds.titles, zero_shot=zero_shot, dtype=dtype)
-    max_history = ranker.builder.config.max_history
+    max_history = _max_history(rank_dir, cfg)
     examples = {}
     for split in ("val", "test"):
         examples[split] = evaluation_examples(ds, load_candidates(cfg.retriever, split), split,
@@ -114,20 +216,21 @@ def evaluate_ranker(rank_dir: Path, *, zero_shot: bool = False, order: Order = "
             raise LlamarecError(f"{cfg.retriever}: no {split} user has the target among the candidates")
     all_val = evaluation_examples(ds, load_candidates(cfg.retriever, "val"), "val", max_history=max_history)
     residual = not zero_shot and cfg.residual_weight > 0
-    scoring = ScoringConfig(
-        order=order, permutations=permutations if order == "average" else 1, seed=seed,
-        ranker_scale=read_ranker_scale(rank_dir) if residual else 1.0,
-        letter_prior=letter_prior(ranker, examples["val"], seed) if calibrate else None,
-        retriever_temperature=fit_temperature(_retriever_scores(all_val), _labels(all_val)))
-    llm = {split: ranker.rerank([ex.history for ex in exs], torch.tensor([ex.candidates for ex in exs]).numpy(),
-                                _retriever_scores(exs).numpy(), scoring)[0]
-           for split, exs in examples.items()}
+    with letter_scores(engine, rank_dir, ds.titles, cfg, zero_shot=zero_shot, dtype=dtype, workers=workers,
+                       address=address) as scores:
+        scoring = ScoringConfig(
+            order=order, permutations=permutations if order == "average" else 1, seed=seed,
+            ranker_scale=read_ranker_scale(rank_dir) if residual else 1.0,
+            letter_prior=letter_prior(scores, examples["val"], seed) if calibrate else None,
+            retriever_temperature=fit_temperature(_retriever_scores(all_val), _labels(all_val)))
+        both = scores(examples["val"] + examples["test"], scoring)
     val = examples["val"]
+    llm = {"val": both[:len(val)], "test": both[len(val):]}
     tuned, grid = tune_fusion(scoring.ranker_scale * llm["val"], _retriever_scores(val), _labels(val),
                               scoring.retriever_temperature)
     scoring.fusion_weight = cfg.residual_weight if residual else tuned
     results: dict = {"ranker": str(rank_dir), "zero_shot": zero_shot, "order": order,
-                     "dtype": str(next(ranker.model.parameters()).dtype).removeprefix("torch."),
+                     "dtype": scores.dtype,
                      "permutations": scoring.permutations, "calibrated": calibrate}
     rows = []
     for split, exs in examples.items():
