@@ -3,7 +3,8 @@
 For validation (history = training part) and test (history = training + validation) every
 user gets ``k`` items and scores, plus the full-ranking rank of the true item so that the
 paper's overall metrics can be computed later. On request, training prefixes get their top-k
-too (hard negatives for the ranker). Arrays are users x k, never users x all items.
+too (hard negatives for the ranker). Arrays are users x k, never users x all items: users are
+scored in chunks (``retrieval.evaluate``), each reduced to its top-k and the target's rank.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from llamarec.io import write_json
 from llamarec.layout import CANDIDATES_FILE, CANDIDATES_SUMMARY, CATALOGUE_FILE, RETRIEVER_MODEL
 from llamarec.manifest import record
 from llamarec.metrics import metrics_from_ranks
-from llamarec.retrieval.evaluate import evaluate_ranks, top_k
+from llamarec.retrieval.evaluate import top_k, top_k_and_ranks
 from llamarec.retrieval.train import load_retriever
 
 
@@ -45,9 +46,8 @@ def generate_candidates(run_dir: Path, k: int = 20, train_prefixes: int = 0, see
     summary: dict = {"k": k, "dataset": cfg.dataset, "model": cfg.model}
     for split in ("val", "test"):
         histories, targets = eval_examples(ds, split)
-        items, scores = top_k(model, histories, k, cfg.max_len, cfg.eval_batch_size)
+        items, scores, ranks = top_k_and_ranks(model, histories, targets, k, cfg.max_len, cfg.eval_batch_size)
         _check_finite(scores, run_dir)
-        ranks = evaluate_ranks(model, histories, targets, cfg.max_len, cfg.eval_batch_size)
         # A re-consumed target (already in the history) stays scorable in the full ranking but,
         # like every history item, is never a candidate: count it as a miss (rank >= k), so that
         # valid() means "the target is among the candidates".
