@@ -1,7 +1,7 @@
 """LLM ranking speed on this machine: the verbalizer against the generation baseline.
 
-    python benchmarks/ranking.py [--n 20] [--batch 8] [--n-gen 3] [--dtype float32|bfloat16]
-                                 [--compare-dtypes] [--model smollm2] [--data-dir DIR] [--seed 0]
+    python benchmarks/ranking.py [--n 20] [--batch 8] [--n-gen 3] [--dtype float32|bfloat16|auto]
+                                 [--threads N] [--compare-dtypes] [--model smollm2] [--data-dir DIR] [--seed 0]
     python benchmarks/ranking.py --limits [--busy-neighbour] [--json] [--n 8] [--dtype bfloat16]
 
 Prompts are built from MovieLens (ml-latest-small) titles: a random window of 20 consecutive
@@ -19,8 +19,14 @@ the ranker's useful FLOPs per prompt (2 x non-embedding parameters x tokens, plu
 attention and the LM head on one position) per second as a fraction of that peak, a plain
 transformers baseline (float32, full logits at every position, batch 1), and permutation
 averaging over 1, 3 and 5 candidate orders with and without reusing the shared prefix's
-key/value cache. ``--busy-neighbour`` repeats it while a second process multiplies matrices
-on one thread.
+key/value cache, and a request whose history the server's prefix cache has not seen (miss:
+the prefix runs and is stored) against the same request again (hit: only the candidates run),
+batch 1. ``--busy-neighbour`` repeats it while a second process multiplies matrices on one
+thread.
+
+``--threads`` (default: ``OMP_NUM_THREADS``, else the physical cores this process may use) and
+``--dtype auto`` (bfloat16 where the CPU or GPU has bf16 instructions, else float32) follow
+:mod:`llamarec.devices`.
 """
 
 from __future__ import annotations
@@ -41,11 +47,13 @@ from rich.console import Console
 from rich.table import Table
 
 from llamarec.data import Dataset, load_dataset
+from llamarec.devices import auto_dtype, resolve_device, set_threads
 from llamarec.errors import LlamarecError
 from llamarec.metrics import metrics_from_ranks, target_ranks
 from llamarec.ranking.examples import RankExample
 from llamarec.ranking.generate import GenerationRanker
 from llamarec.ranking.llm import load_llm
+from llamarec.ranking.prefix_cache import PrefixCache
 from llamarec.ranking.prompt import encode
 from llamarec.ranking.ranker import Ranker
 
@@ -189,6 +197,28 @@ def prompt_flops(model: torch.nn.Module, tokens: int) -> float:
     return 2 * linear * tokens + attention + 2 * config.hidden_size * config.vocab_size
 
 
+def prefix_cache_ms(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, titles: Sequence[str],
+                    examples: Sequence[RankExample]) -> dict[str, float]:
+    """ms per request (batch 1) for each history's first request, which the server's prefix cache
+    misses (the prefix runs and is stored), and for the same request again (a hit), with the
+    mean prefix length and the memory of one cached prefix."""
+    ranker = Ranker(model, tokenizer, titles, batch_size=1, prefix_cache=PrefixCache(1 << 40))
+    ranker.score(examples[:1])  # warm-up: a miss, then a hit
+    ranker.score(examples[:1])
+    ranker.scorer.prefix_cache = cache = PrefixCache(1 << 40)
+
+    def request_ms(example: RankExample) -> float:
+        start = time.perf_counter()
+        ranker.score([example])
+        return 1000 * (time.perf_counter() - start)
+
+    miss = [request_ms(ex) for ex in examples]
+    hit = [request_ms(ex) for ex in examples]
+    prefix = [ranker.prefix_length(ex.history, ex.candidates) for ex in examples]
+    return {"miss_ms": float(np.mean(miss)), "hit_ms": float(np.mean(hit)), "prefix_tokens": float(np.mean(prefix)),
+            "entry_mib": cache.bytes / len(cache) / 2**20}
+
+
 def limits(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, titles: Sequence[str],
            examples: Sequence[RankExample], dtype: torch.dtype, model_name: str | None) -> dict:
     """Peak, llamarec, the plain baseline and permutation averaging, measured in one run."""
@@ -216,7 +246,8 @@ def limits(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, titles: S
             "prompt_tokens": tokens, "peak_gflops": peak, "ms_per_prompt": ms, "achieved_gflops": achieved,
             "fraction_of_peak": achieved / peak, "baseline_ms_per_prompt": baseline_ms,
             "permutations": {"without_reuse": {c: permutations[str(c)] for c in (1, 3, 5)},
-                             "with_reuse": {c: permutations[f"{c} reuse"] for c in (1, 3, 5)}}}
+                             "with_reuse": {c: permutations[f"{c} reuse"] for c in (1, 3, 5)}},
+            "prefix_cache": prefix_cache_ms(model, tokenizer, titles, examples)}
 
 
 def busy_neighbour() -> subprocess.Popen:
@@ -238,6 +269,9 @@ def limits_table(result: dict, title: str) -> Table:
     for count in (1, 3, 5):
         without, with_reuse = (result["permutations"][k][count] for k in ("without_reuse", "with_reuse"))
         table.add_row(f"{count} order(s): without / with prefix reuse", f"{without:.0f} / {with_reuse:.0f}", "-", "-")
+    cache = result["prefix_cache"]
+    table.add_row(f"repeated history, prefix cache miss / hit ({cache['prefix_tokens']:.0f}-token prefix, "
+                  f"{cache['entry_mib']:.1f} MiB)", f"{cache['miss_ms']:.0f} / {cache['hit_ms']:.0f}", "-", "-")
     return table
 
 
@@ -245,7 +279,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model to load (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="float32")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: OMP_NUM_THREADS, else the physical cores available)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--n", type=int, default=20, help="prompts for the verbalizer")
@@ -262,6 +298,8 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.n < 1 or args.batch < 1 or args.n_gen < 0:
         parser.error("--n and --batch must be at least 1, --n-gen at least 0")
+    if args.dtype == "auto":
+        args.dtype = str(auto_dtype(resolve_device(args.device))).removeprefix("torch.")
     return args
 
 
@@ -269,6 +307,7 @@ def main() -> None:
     args = parse_args()
     console = Console()
     try:
+        set_threads(args.threads)
         ds = load_dataset("ml-latest-small", args.data_dir)
         examples = benchmark_examples(ds, args.n, args.seed)
         if args.random_shape:

@@ -259,3 +259,27 @@ def test_serving_imports_no_training_code(tiny_pipeline_run: Path) -> None:
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == ""
+
+
+def test_a_prefix_cache_serves_repeated_histories_with_the_same_scores(rec: Recommender,
+                                                                         tiny_pipeline_run: Path) -> None:
+    cached = Recommender.load(tiny_pipeline_run, prefix_cache_mb=1)
+    assert rec.prefix_cache is None and cached.prefix_cache.max_bytes == 2**20
+    histories = [HISTORY, ["1", "2"], ["Item 10", "11", "12"]]
+    expected = rec.recommend_batch(histories, k=8)
+    first = cached.recommend_batch(histories[:2], k=8)  # misses: stored
+    again = cached.recommend_batch(histories, k=8)  # two hits and a miss in one batch
+    assert cached.prefix_cache.stats()["hits"] == 2 and cached.prefix_cache.stats()["misses"] == 3
+    for got in (first, again):
+        for a, b in zip(got, expected):
+            assert ids(a) == ids(b)
+            assert [r.ranker_score for r in a.items] == pytest.approx([r.ranker_score for r in b.items], abs=1e-5)
+    with pytest.raises(LlamarecError, match="prefix_cache_mb must be at least 0"):
+        Recommender.load(tiny_pipeline_run, prefix_cache_mb=-1)
+
+
+def test_dtype_auto_is_the_hardwares_fast_dtype(tiny_pipeline_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import llamarec.pipeline
+
+    monkeypatch.setattr(llamarec.pipeline, "auto_dtype", lambda device: torch.bfloat16)
+    assert next(Recommender.load(tiny_pipeline_run, dtype="auto").ranker.model.parameters()).dtype == torch.bfloat16

@@ -167,6 +167,18 @@ def test_health_ready_stats_docs_and_page(rec: Recommender, serve) -> None:
     assert "http://" not in page.text and "https://" not in page.text  # nothing fetched from elsewhere
 
 
+def test_stats_report_the_prefix_cache_and_a_hit_answers_as_a_miss(rec: Recommender, serve,
+                                                                     tiny_pipeline_run: Path) -> None:
+    client = serve(Recommender.load(tiny_pipeline_run, prefix_cache_mb=1))
+    for _ in range(2):  # a miss, then a hit
+        r = client.post("/recommend", json={"history": HISTORY, "k": 7})
+        same(r.json()["items"], rec.recommend(HISTORY, k=7))
+    cache = client.get("/stats").json()["prefix_cache"]
+    assert cache["hits"] == 1 and cache["misses"] == 1 and cache["entries"] == 1
+    assert 0 < cache["bytes"] <= cache["max_bytes"] == 2**20
+    assert serve(rec).get("/stats").json()["prefix_cache"] is None  # off
+
+
 def test_ready_is_503_when_the_worker_is_not_running(rec: Recommender, serve) -> None:
     client = serve(rec)
     client.app.state.worker.stop()
@@ -386,7 +398,7 @@ def test_llamarec_serve_serves_a_run_on_loopback(tiny_pipeline_run: Path, run_ll
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "LLAMAREC_DEBUG"} | {"LLAMAREC_API_KEY": "key"}
     proc = subprocess.Popen([str(script), "serve", "--run", str(tiny_pipeline_run), "--port", str(port),
-                             "--max-batch", "2", "--device", "cpu"],
+                             "--max-batch", "2", "--device", "cpu", "--threads", "1", "--prefix-cache-mb", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -405,6 +417,8 @@ def test_llamarec_serve_serves_a_run_on_loopback(tiny_pipeline_run: Path, run_ll
         assert httpx.get(f"{url}/ready", headers=auth, timeout=5).json()["max_batch"] == 2
         r = httpx.post(f"{url}/recommend", json={"history": HISTORY, "k": 3}, headers=auth, timeout=30)
         assert r.status_code == 200 and len(r.json()["items"]) == 3
+        cache = httpx.get(f"{url}/stats", headers=auth, timeout=5).json()["prefix_cache"]
+        assert cache["max_bytes"] == 2 * 2**20 and cache["misses"] == 1
     finally:
         proc.terminate()
         out, err = proc.communicate(timeout=30)

@@ -309,6 +309,14 @@ def serve(
     max_batch: Annotated[int, typer.Option(min=1, help="Most histories ranked in one forward (1: no batching).")] = 8,
     max_wait_ms: Annotated[float, typer.Option(min=0, help="Longest wait for a batch to fill.")] = 5.0,
     device: DeviceOpt = "auto",
+    dtype: Annotated[str | None, typer.Option(help="The models' dtype: float32, bfloat16, or auto (bfloat16 on a "
+                                              "GPU or CPU with bf16 instructions, else float32); "
+                                              "default: the run's own.")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="Torch threads (default: OMP_NUM_THREADS, else the "
+                                                "physical cores this process may use).")] = None,
+    prefix_cache_mb: Annotated[float, typer.Option(min=0, help="MiB for the ranker's key/value caches of recent "
+                                                   "histories' prompt prefixes (LRU), so a repeated history "
+                                                   "runs only its candidates; 0: off.")] = 256,
 ) -> None:
     """Serve a run over HTTP: JSON API with micro-batching, docs at /docs, demo page at /
     (needs the optional serve extra)."""
@@ -320,14 +328,15 @@ def serve(
         raise LlamarecError(f"llamarec serve needs the serve extra (pip install -e \".[serve]\"): {exc}") from None
     import logging
 
-    from llamarec.devices import resolve_device
+    from llamarec.devices import resolve_device, set_threads
     from llamarec.pipeline import Recommender
 
     access = logging.getLogger("llamarec.serve.access")
     access.addHandler(logging.StreamHandler(sys.stdout))
     access.setLevel(logging.INFO)
     access.propagate = False
-    rec = Recommender.load(run, device=str(resolve_device(device)))
+    set_threads(threads)
+    rec = Recommender.load(run, device=str(resolve_device(device)), dtype=dtype, prefix_cache_mb=prefix_cache_mb)
     uvicorn.run(create_app(rec, api_key=api_key, max_batch=max_batch, max_wait_ms=max_wait_ms),
                 host=host, port=port, access_log=False, log_level="info")
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from llamarec.catalogue import Catalogue
+from llamarec.devices import auto_dtype, resolve_device
 from llamarec.errors import LlamarecError
 from llamarec.layout import (
     CANDIDATES_SUMMARY,
@@ -30,6 +31,7 @@ from llamarec.layout import (
     RANKER_DIR,
     RETRIEVER_DIR,
 )
+from llamarec.ranking.prefix_cache import PrefixCache
 from llamarec.ranking.scoring import ScoringConfig
 from llamarec.retrieval.evaluate import top_k
 from llamarec.retrieval.load import load_retriever_model
@@ -71,11 +73,22 @@ class Recommender:
 
     @classmethod
     def load(cls, run_dir: str | Path, *, with_ranker: bool = True, device: str = "cpu",
-             dtype: str | None = None) -> Recommender:
+             dtype: str | None = None, prefix_cache_mb: float = 0) -> Recommender:
         """Load ``run_dir`` written by ``llamarec run`` (or a bare retriever run directory) on
-        ``device``; ``dtype`` (``float32``, ``bfloat16``...) overrides the models' own."""
+        ``device``; ``dtype`` (``float32``, ``bfloat16``..., or ``auto``: the hardware's fast
+        format, see :func:`llamarec.devices.auto_dtype`) overrides the models' own.
+
+        ``prefix_cache_mb`` > 0 keeps the key/value caches of the ranker's prompt prefixes
+        (instruction and history) of recent requests, least recently used out first, within
+        that many MiB (on the ranker's device), so a repeated history runs only its candidates
+        (``llamarec serve`` turns it on); 0, the default, keeps none.
+        """
         from llamarec.ranking.llm import resolve_dtype
 
+        if prefix_cache_mb < 0:
+            raise LlamarecError(f"prefix_cache_mb must be at least 0, got {prefix_cache_mb}")
+        if dtype == "auto":
+            dtype = str(auto_dtype(resolve_device(device))).removeprefix("torch.")
         run_dir = Path(run_dir)
         retriever_dir = run_dir / RETRIEVER_DIR if (run_dir / RETRIEVER_DIR).is_dir() else run_dir
         torch_dtype = None if dtype is None else resolve_dtype(dtype, torch.device("cpu"))
@@ -87,11 +100,18 @@ class Recommender:
             from llamarec.ranking.ranker import load_ranker
 
             verify_ranker_run(run_dir / RANKER_DIR)
-            ranker = load_ranker(run_dir / RANKER_DIR, catalogue.titles, device=device, dtype=dtype)
+            cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
+            ranker = load_ranker(run_dir / RANKER_DIR, catalogue.titles, device=device, dtype=dtype,
+                                 prefix_cache=cache)
             scoring = _scoring(run_dir)
             # The ranker was fine-tuned, and the fusion weight tuned, on the run's top-k candidates.
             n_candidates = _n_candidates(retriever_dir, catalogue.n_items)
         return cls(model, cfg.max_len, catalogue, ranker, scoring, n_candidates)
+
+    @property
+    def prefix_cache(self) -> PrefixCache | None:
+        """The ranker's cache of prompt prefixes (see :meth:`load`), None when off."""
+        return None if self.ranker is None else self.ranker.scorer.prefix_cache
 
     # -- history resolution ---------------------------------------------------------------------
     def resolve_item(self, entry: int | str) -> int:

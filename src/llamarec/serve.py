@@ -568,8 +568,10 @@ def create_app(recommender, *, api_key: str | None = None, max_batch: int = 8, m
 
     @app.get("/stats", dependencies=bearer, responses=_problems(401))
     async def stats() -> dict:
-        """Counters of the model worker: requests, batches, mean batch size, rejections, timeouts."""
-        return worker.snapshot()
+        """Counters of the model worker (requests, batches, mean batch size, rejections, timeouts)
+        and of the ranker's prefix cache (entries, bytes, hits, misses, evictions; null when off)."""
+        cache = recommender.prefix_cache
+        return worker.snapshot() | {"prefix_cache": None if cache is None else cache.stats()}
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def demo_page() -> HTMLResponse:

@@ -16,9 +16,16 @@ from llamarec.errors import LlamarecError
 from llamarec.layout import ADAPTER_DIR, PROMPT_FILE, RANK_CONFIG, RANKER_SCALE_FILE
 from llamarec.ranking.config import RankConfig
 from llamarec.ranking.examples import RankExample
+from llamarec.ranking.prefix_cache import PrefixCache
 from llamarec.ranking.prompt import LETTERS, PromptBuilder, PromptConfig
 from llamarec.ranking.scoring import Order, ScoringConfig, fuse
-from llamarec.ranking.verbalizer import LetterScorer, permutation_average, resolve_letter_ids, seeded_orders
+from llamarec.ranking.verbalizer import (
+    LetterScorer,
+    common_prefix,
+    permutation_average,
+    resolve_letter_ids,
+    seeded_orders,
+)
 
 
 def shuffled_order(candidates: Sequence[int], seed: int) -> np.ndarray:
@@ -34,15 +41,18 @@ class Ranker:
     the configured template (every prompt ends with the same text before the answer). With
     several candidate orders per example, ``reuse_prefix`` runs the prompt's shared prefix
     (instruction and history) once per example and reuses its key/value cache for every order.
+    ``prefix_cache`` (serving) also keeps that key/value cache for the next request of the same
+    history; off by default, and never while the model trains.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, titles: Sequence[str],
-                 prompt_config: PromptConfig | None = None, batch_size: int = 8, reuse_prefix: bool = True) -> None:
+                 prompt_config: PromptConfig | None = None, batch_size: int = 8, reuse_prefix: bool = True,
+                 prefix_cache: PrefixCache | None = None) -> None:
         self.model, self.tokenizer, self.titles, self.reuse_prefix = model, tokenizer, titles, reuse_prefix
         self.builder = PromptBuilder(tokenizer, prompt_config)
         sample = self.builder.build(["a"], ["b"] * len(LETTERS))
         self.letter_ids = resolve_letter_ids(tokenizer, sample)
-        self.scorer = LetterScorer(model, tokenizer, self.letter_ids, batch_size)
+        self.scorer = LetterScorer(model, tokenizer, self.letter_ids, batch_size, prefix_cache)
 
     def prompt(self, history: Sequence[int], candidates: Sequence[int]) -> str:
         return self.builder.build([self.titles[i] for i in history], [self.titles[i] for i in candidates])
@@ -56,8 +66,14 @@ class Ranker:
         order: entry ``[k, b, j]`` is the letter at position ``j`` when the candidates are
         shown as ``candidates[orders[k][j]]``. ``letter_prior`` is subtracted per position."""
         n = len(examples[0].candidates)
-        ids = [[self.prompt_ids(ex.history, [ex.candidates[i] for i in order]) for ex in examples] for order in orders]
-        if len(orders) > 1 and self.reuse_prefix:
+        shown_candidates = [[[ex.candidates[i] for i in order] for ex in examples] for order in orders]
+        ids = [[self.prompt_ids(ex.history, cands) for ex, cands in zip(examples, version)]
+               for version in shown_candidates]
+        cached = self.scorer.prefix_cache is not None
+        if len(orders) == 1 and cached:
+            lengths = [self.prefix_length(ex.history, cands) for ex, cands in zip(examples, shown_candidates[0])]
+            shown = self.scorer.score_shared_prefix(ids, lengths)[..., :n]
+        elif len(orders) > 1 and (self.reuse_prefix or cached):
             shown = self.scorer.score_shared_prefix(ids)[..., :n]
         else:
             shown = self.scorer.score_ids([seq for version in ids for seq in version])[:, :n]
@@ -65,6 +81,14 @@ class Ranker:
         if letter_prior is not None:
             shown = shown - torch.tensor(letter_prior[:n], dtype=shown.dtype)
         return shown
+
+    def prefix_length(self, history: Sequence[int], candidates: Sequence[int]) -> int:
+        """How many leading tokens of :meth:`prompt_ids` do not depend on the candidates: the
+        instruction and the history, plus any first tokens the first two candidates' titles
+        share. Found as the common prefix with the prompt whose candidates are rotated by one:
+        the same titles, so the same history fits the prompt's token budget."""
+        rotated = [*candidates[1:], *candidates[:1]]
+        return len(common_prefix([self.prompt_ids(history, candidates), self.prompt_ids(history, rotated)]))
 
     def score(self, examples: Sequence[RankExample], order: Order = "retriever", permutations: int = 1,
               seed: int = 0, letter_prior: Sequence[float] | None = None) -> torch.Tensor:
@@ -129,10 +153,11 @@ def read_rank_config(rank_dir: Path) -> RankConfig:
 
 
 def load_ranker(rank_dir: Path, titles: Sequence[str], *, zero_shot: bool = False, device: str | None = None,
-                dtype: str | None = None, batch_size: int | None = None) -> Ranker:
+                dtype: str | None = None, batch_size: int | None = None,
+                prefix_cache: PrefixCache | None = None) -> Ranker:
     """The ranker of a ranker run: base LLM (hub id, cache or offline wheel, never copied into
     the run) plus the run's LoRA adapter (or none with ``zero_shot``), with the prompt config it
-    was trained with. ``device``/``dtype`` override the run's."""
+    was trained with. ``device``/``dtype`` override the run's; ``prefix_cache``: see :class:`Ranker`."""
     cfg = read_rank_config(rank_dir)
     from llamarec.ranking.llm import load_llm
 
@@ -155,4 +180,4 @@ def load_ranker(rank_dir: Path, titles: Sequence[str], *, zero_shot: bool = Fals
     path = rank_dir / PROMPT_FILE
     prompt = (read_json_config(PromptConfig, path) if path.is_file()
               else cfg.prompt_config())
-    return Ranker(model, tokenizer, titles, prompt, batch_size or cfg.eval_batch_size)
+    return Ranker(model, tokenizer, titles, prompt, batch_size or cfg.eval_batch_size, prefix_cache=prefix_cache)

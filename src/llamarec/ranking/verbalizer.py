@@ -8,16 +8,24 @@ a softmax over them gives probabilities.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
 
 from llamarec.errors import LlamarecError
+from llamarec.ranking.prefix_cache import LayerKV, PrefixCache
 from llamarec.ranking.prompt import LETTERS, answer_token_id, encode
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
 
 
 def resolve_letter_ids(
@@ -95,7 +103,9 @@ class LetterScorer:
 
     ``letter_ids`` come from :func:`resolve_letter_ids` on a prompt of the same template;
     ``score`` returns a ``[len(prompts), len(letter_ids)]`` float32 CPU tensor whose column ``j``
-    is the score of the candidate with letter ``LETTERS[j]``.
+    is the score of the candidate with letter ``LETTERS[j]``. ``prefix_cache`` (for serving: the
+    model's weights must not change while it is used) keeps the key/value caches of the prefixes
+    :meth:`score_shared_prefix` has run; models with sliding-window attention do without it.
     """
 
     def __init__(
@@ -104,6 +114,7 @@ class LetterScorer:
         tokenizer: PreTrainedTokenizerBase,
         letter_ids: Sequence[int],
         batch_size: int = 8,
+        prefix_cache: PrefixCache | None = None,
     ):
         if batch_size < 1:
             raise LlamarecError(f"batch size must be at least 1, got {batch_size}")
@@ -111,6 +122,10 @@ class LetterScorer:
         self.tokenizer = tokenizer
         self.letter_ids = list(letter_ids)
         self.batch_size = batch_size
+        if prefix_cache is not None and _has_sliding_layers(model):
+            logger.warning("the prefix cache is off: this model has sliding-window attention layers")
+            prefix_cache = None
+        self.prefix_cache = prefix_cache
 
     def score(self, prompts: Sequence[str]) -> torch.Tensor:
         """Letter logits for each prompt, batched by length with left padding.
@@ -124,16 +139,23 @@ class LetterScorer:
         with self._eval_mode():
             return self._score_ids(sequences)
 
-    def score_shared_prefix(self, sequences: Sequence[Sequence[Sequence[int]]]) -> torch.Tensor:
+    def score_shared_prefix(self, sequences: Sequence[Sequence[Sequence[int]]],
+                            prefix_lengths: Sequence[int] | None = None) -> torch.Tensor:
         """``[K, B, n_letters]`` scores of ``sequences[k][b]``: K versions of each of B prompts
         (e.g. candidate orders) that share a prefix (instruction and history) per prompt.
 
         The shared prefix of each prompt runs through the model once and its key/value cache is
         reused for all K suffixes, instead of K full forward passes; the scores equal
-        :meth:`score_ids` of every sequence within floating-point tolerance.
+        :meth:`score_ids` of every sequence within floating-point tolerance. The prefix of
+        prompt ``b`` is its first ``prefix_lengths[b]`` tokens (each version must start with
+        them and go on after them), by default the versions' longest common prefix.
+
+        With a :attr:`prefix_cache`, a prefix it holds is not run again: the suffixes run on a
+        copy of its keys and values (never on the stored tensors); a prefix it does not hold is
+        run and stored.
         """
         with self._eval_mode():
-            return self._score_shared_prefix(sequences)
+            return self._score_shared_prefix(sequences, prefix_lengths)
 
     @contextlib.contextmanager
     def _eval_mode(self) -> Iterator[None]:
@@ -144,6 +166,13 @@ class LetterScorer:
             yield
         finally:
             self.model.train(was_training)
+
+    @functools.cached_property
+    def _cache_argument(self) -> str:
+        """The model's forward argument that takes a key/value cache: ``cache`` in recent
+        transformers (``past_key_values`` is deprecated there), ``past_key_values`` before."""
+        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model  # peft
+        return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def _pad_id(self) -> int:
         pad_id = self.tokenizer.pad_token_id
@@ -158,31 +187,67 @@ class LetterScorer:
         return scores
 
     @torch.inference_mode()
-    def _score_shared_prefix(self, sequences: Sequence[Sequence[Sequence[int]]]) -> torch.Tensor:
+    def _score_shared_prefix(self, sequences: Sequence[Sequence[Sequence[int]]],
+                             prefix_lengths: Sequence[int] | None) -> torch.Tensor:
         n_versions, n_prompts = len(sequences), len(sequences[0])
         scores = torch.empty((n_versions, n_prompts, len(self.letter_ids)), dtype=torch.float32)
-        prefixes = [common_prefix([sequences[k][b] for k in range(n_versions)]) for b in range(n_prompts)]
+        prefixes = shared_prefixes(sequences, prefix_lengths)
         if not all(prefixes):  # nothing shared: score every version on its own
             flat = self._score_ids([seq for version in sequences for seq in version])
             return flat.view(n_versions, n_prompts, -1)
+        device = next(self.model.parameters()).device
         for batch in length_buckets([len(sequences[0][b]) for b in range(n_prompts)], self.batch_size):
-            prefix_ids, prefix_mask = pad_batch([prefixes[b] for b in batch], self._pad_id())
-            device = next(self.model.parameters()).device
-            out = self.model(input_ids=prefix_ids.to(device), attention_mask=prefix_mask.to(device),
-                             position_ids=((prefix_mask.cumsum(-1) - 1).clamp(min=0)).to(device),
-                             use_cache=True, logits_to_keep=1)
-            cache = out.past_key_values
+            batch_prefixes = [prefixes[b] for b in batch]
+            prefix_mask = pad_batch(batch_prefixes, self._pad_id())[1]
+            cache = self._prefix_kv(batch_prefixes)
             for k in range(n_versions):
                 suffixes = [sequences[k][b][len(prefixes[b]):] for b in batch]
                 suffix_ids, suffix_mask = pad_batch(suffixes, self._pad_id())
                 positions = prefix_mask.sum(-1, keepdim=True) + suffix_mask.cumsum(-1) - 1
                 logits = self.model(input_ids=suffix_ids.to(device),
                                     attention_mask=torch.cat([prefix_mask, suffix_mask], -1).to(device),
-                                    position_ids=positions.clamp(min=0).to(device), past_key_values=cache,
-                                    use_cache=True, logits_to_keep=1).logits[:, -1]
+                                    position_ids=positions.clamp(min=0).to(device), use_cache=True,
+                                    logits_to_keep=1, **{self._cache_argument: cache}).logits[:, -1]
                 scores[k, batch] = logits[:, self.letter_ids].float().cpu()
                 cache.crop(-suffix_ids.shape[1])  # back to the shared prefix for the next version
         return scores
+
+    def _prefix_kv(self, prefixes: Sequence[Sequence[int]]) -> DynamicCache:
+        """The key/value cache of the left-padded ``prefixes``: run through the model, or with
+        a prefix cache copied from it for the prefixes it holds, the others run and stored."""
+        if self.prefix_cache is None:
+            return self._run_prefixes(prefixes)
+        rows = [self.prefix_cache.get(prefix) for prefix in prefixes]
+        missing = [i for i, row in enumerate(rows) if row is None]
+        if missing:
+            fresh = self._run_prefixes([prefixes[i] for i in missing])
+            for j, i in enumerate(missing):
+                rows[i] = _cache_row(fresh, j, len(prefixes[i]))
+                self.prefix_cache.put(prefixes[i], rows[i])
+            if len(missing) == len(rows):  # nothing came from the prefix cache: use the fresh one
+                return fresh
+        return self._stack_rows(rows)
+
+    def _run_prefixes(self, prefixes: Sequence[Sequence[int]]) -> DynamicCache:
+        """One forward pass over the left-padded prefixes; their key/value cache."""
+        prefix_ids, prefix_mask = pad_batch(prefixes, self._pad_id())
+        device = next(self.model.parameters()).device
+        cache = DynamicCache(config=self.model.config)
+        self.model(input_ids=prefix_ids.to(device), attention_mask=prefix_mask.to(device),
+                   position_ids=((prefix_mask.cumsum(-1) - 1).clamp(min=0)).to(device),
+                   use_cache=True, logits_to_keep=1, **{self._cache_argument: cache})
+        return cache
+
+    def _stack_rows(self, rows: Sequence[Sequence[LayerKV]]) -> DynamicCache:
+        """A new key/value cache of a batch of prefixes, each row left-padded with zeros (which
+        the attention mask hides) to the longest; the rows' tensors are copied, never changed."""
+        width = max(row[0][0].shape[-2] for row in rows)
+        cache = DynamicCache(config=self.model.config)
+        for layer, kvs in enumerate(zip(*rows, strict=True)):
+            keys, values = (torch.cat([F.pad(kv[i], (0, 0, width - kv[i].shape[-2], 0)) for kv in kvs])
+                            for i in (0, 1))
+            cache.update(keys, values, layer)
+        return cache
 
     def probabilities(self, prompts: Sequence[str]) -> torch.Tensor:
         """Softmax of :meth:`score` over the letters: a distribution over the candidates."""
@@ -197,6 +262,36 @@ def common_prefix(sequences: Sequence[Sequence[int]]) -> list[int]:
     while length < shortest - 1 and all(seq[length] == sequences[0][length] for seq in sequences):
         length += 1
     return list(sequences[0][:length])
+
+
+def shared_prefixes(sequences: Sequence[Sequence[Sequence[int]]],
+                    prefix_lengths: Sequence[int] | None = None) -> list[list[int]]:
+    """The prefix of each prompt ``b`` that all its versions ``sequences[k][b]`` share: its first
+    ``prefix_lengths[b]`` tokens, checked, or by default the versions' :func:`common_prefix`."""
+    versions = [[version[b] for version in sequences] for b in range(len(sequences[0]))]
+    if prefix_lengths is None:
+        return [common_prefix(seqs) for seqs in versions]
+    if len(prefix_lengths) != len(versions):
+        raise ValueError(f"{len(prefix_lengths)} prefix lengths for {len(versions)} prompts")
+    prefixes = []
+    for seqs, length in zip(versions, prefix_lengths):
+        prefix = list(seqs[0][:length])
+        if length < 0 or any(len(seq) <= length or list(seq[:length]) != prefix for seq in seqs):
+            raise ValueError(f"prefix length {length}: not a prefix of every version, with a token after it")
+        prefixes.append(prefix)
+    return prefixes
+
+
+def _cache_row(cache: DynamicCache, row: int, length: int) -> tuple[LayerKV, ...]:
+    """Copies of one row's keys and values, per layer, without its left padding."""
+    return tuple((layer.keys[row:row + 1, :, -length:].clone(), layer.values[row:row + 1, :, -length:].clone())
+                 for layer in cache.layers)
+
+
+def _has_sliding_layers(model: torch.nn.Module) -> bool:
+    """Whether some layer keeps only a window of keys and values (e.g. Gemma 3's local layers):
+    such a cache cannot be cut into rows and padded again."""
+    return any(getattr(layer, "is_sliding", False) for layer in DynamicCache(config=model.config).layers)
 
 
 def seeded_orders(n: int, count: int, seed: int = 0) -> list[list[int]]:
