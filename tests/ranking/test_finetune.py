@@ -384,3 +384,17 @@ def test_a_saved_layer_the_base_model_lacks_is_a_one_line_error(tiny_rank_config
     base, _ = load_llm(tiny_rank_config().model, dtype="float32", device="cpu")
     with pytest.raises(LlamarecError, match=r"full_layers.safetensors: 1 tensor\(s\) do not fit .*layers\.9"):
         load_full_layers(base, path)
+
+
+def test_load_ranker_puts_the_full_layers_over_the_base_model(tiny_rank_config, tmp_path):
+    from llamarec.ranking.ranker import load_ranker
+
+    ft = Finetuner(tiny_rank_config(full_layers=1), tmp_path / "rank", progress=False)
+    ft.run()
+    ft.state.best = -1.0
+    ft._validate()
+    loaded = load_ranker(tmp_path / "rank", ft.ds.titles, device="cpu", dtype="float32")
+    torch.testing.assert_close(loaded.score(ft.val), ft.ranker.score(ft.val), atol=1e-5, rtol=1e-5)
+    (tmp_path / "rank" / "adapter" / "full_layers.safetensors").write_bytes(b"damaged")
+    with pytest.raises(LlamarecError, match="full_layers.safetensors: cannot read the trained layers"):
+        load_ranker(tmp_path / "rank", ft.ds.titles, device="cpu", dtype="float32")

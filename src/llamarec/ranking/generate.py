@@ -156,7 +156,7 @@ class GenerationRanker:
 
     def prompt(self, example: RankExample) -> str:
         return self.builder.build([self.titles[i] for i in example.history],
-                                  [self.titles[i] for i in example.candidates])
+                                  [self.titles[i] for i in example.candidates], example.retriever_scores or None)
 
     def shown_titles(self, example: RankExample) -> list[str]:
         """The candidate titles as the prompt shows them (sanitised and cut), to match against."""

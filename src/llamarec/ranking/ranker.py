@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from llamarec.configs import read_json_config
 from llamarec.errors import LlamarecError
-from llamarec.layout import ADAPTER_DIR, PROMPT_FILE, RANK_CONFIG, RANKER_SCALE_FILE
+from llamarec.layout import ADAPTER_DIR, FULL_LAYERS_FILE, PROMPT_FILE, RANK_CONFIG, RANKER_SCALE_FILE
 from llamarec.ranking.config import RankConfig
 from llamarec.ranking.examples import RankExample
 from llamarec.ranking.prefix_cache import PrefixCache
@@ -34,6 +34,12 @@ def shuffled_order(candidates: Sequence[int], seed: int) -> np.ndarray:
     return np.random.default_rng([seed, *(int(c) for c in candidates)]).permutation(len(candidates))
 
 
+def _reordered(ex: RankExample, order: Sequence[int]) -> RankExample:
+    """``ex`` with its candidates (and their retriever scores) shown in ``order``."""
+    scores = tuple(ex.retriever_scores[i] for i in order) if ex.retriever_scores else ()
+    return RankExample(ex.user, ex.history, tuple(ex.candidates[i] for i in order), 0, scores)
+
+
 class Ranker:
     """Turns item ids into titled prompts and scores the candidates of each example.
 
@@ -50,15 +56,22 @@ class Ranker:
                  prefix_cache: PrefixCache | None = None) -> None:
         self.model, self.tokenizer, self.titles, self.reuse_prefix = model, tokenizer, titles, reuse_prefix
         self.builder = PromptBuilder(tokenizer, prompt_config)
-        sample = self.builder.build(["a"], ["b"] * len(LETTERS))
+        scores = [0.0] * len(LETTERS) if self.builder.config.shows_retriever else None
+        sample = self.builder.build(["a"], ["b"] * len(LETTERS), scores)
         self.letter_ids = resolve_letter_ids(tokenizer, sample)
         self.scorer = LetterScorer(model, tokenizer, self.letter_ids, batch_size, prefix_cache)
 
-    def prompt(self, history: Sequence[int], candidates: Sequence[int]) -> str:
-        return self.builder.build([self.titles[i] for i in history], [self.titles[i] for i in candidates])
+    def prompt(self, history: Sequence[int], candidates: Sequence[int],
+               retriever_scores: Sequence[float] | None = None) -> str:
+        return self.builder.build([self.titles[i] for i in history], [self.titles[i] for i in candidates],
+                                  retriever_scores or None)
 
-    def prompt_ids(self, history: Sequence[int], candidates: Sequence[int]) -> list[int]:
-        return self.builder.build_ids([self.titles[i] for i in history], [self.titles[i] for i in candidates])
+    def prompt_ids(self, history: Sequence[int], candidates: Sequence[int],
+                   retriever_scores: Sequence[float] | None = None) -> list[int]:
+        """Token ids of the prompt; ``retriever_scores`` (aligned with ``candidates``) are shown
+        when the prompt config asks for the retriever's rank or probability."""
+        return self.builder.build_ids([self.titles[i] for i in history], [self.titles[i] for i in candidates],
+                                      retriever_scores or None)
 
     def shown_scores(self, examples: Sequence[RankExample], orders: Sequence[Sequence[int]],
                      letter_prior: Sequence[float] | None = None) -> torch.Tensor:
@@ -66,12 +79,12 @@ class Ranker:
         order: entry ``[k, b, j]`` is the letter at position ``j`` when the candidates are
         shown as ``candidates[orders[k][j]]``. ``letter_prior`` is subtracted per position."""
         n = len(examples[0].candidates)
-        shown_candidates = [[[ex.candidates[i] for i in order] for ex in examples] for order in orders]
-        ids = [[self.prompt_ids(ex.history, cands) for ex, cands in zip(examples, version)]
-               for version in shown_candidates]
+        versions = [[_reordered(ex, order) for ex in examples] for order in orders]
+        ids = [[self.prompt_ids(ex.history, ex.candidates, ex.retriever_scores) for ex in version]
+               for version in versions]
         cached = self.scorer.prefix_cache is not None
         if len(orders) == 1 and cached:
-            lengths = [self.prefix_length(ex.history, cands) for ex, cands in zip(examples, shown_candidates[0])]
+            lengths = [self.prefix_length(ex.history, ex.candidates, ex.retriever_scores) for ex in versions[0]]
             shown = self.scorer.score_shared_prefix(ids, lengths)[..., :n]
         elif len(orders) > 1 and (self.reuse_prefix or cached):
             shown = self.scorer.score_shared_prefix(ids)[..., :n]
@@ -82,13 +95,15 @@ class Ranker:
             shown = shown - torch.tensor(letter_prior[:n], dtype=shown.dtype)
         return shown
 
-    def prefix_length(self, history: Sequence[int], candidates: Sequence[int]) -> int:
+    def prefix_length(self, history: Sequence[int], candidates: Sequence[int],
+                      retriever_scores: Sequence[float] | None = None) -> int:
         """How many leading tokens of :meth:`prompt_ids` do not depend on the candidates: the
         instruction and the history, plus any first tokens the first two candidates' titles
-        share. Found as the common prefix with the prompt whose candidates are rotated by one:
-        the same titles, so the same history fits the prompt's token budget."""
-        rotated = [*candidates[1:], *candidates[:1]]
-        return len(common_prefix([self.prompt_ids(history, candidates), self.prompt_ids(history, rotated)]))
+        share. Found as the common prefix with the prompt whose candidates (and their retriever
+        scores) are rotated by one: the same titles, so the same history fits the token budget."""
+        rotate = lambda xs: [*xs[1:], *xs[:1]] if xs else xs  # noqa: E731
+        return len(common_prefix([self.prompt_ids(history, candidates, retriever_scores),
+                                  self.prompt_ids(history, rotate(candidates), rotate(retriever_scores))]))
 
     def score(self, examples: Sequence[RankExample], order: Order = "retriever", permutations: int = 1,
               seed: int = 0, letter_prior: Sequence[float] | None = None) -> torch.Tensor:
@@ -107,8 +122,7 @@ class Ranker:
         if order == "retriever":
             return self.shown_scores(examples, [list(range(len(examples[0].candidates)))], letter_prior)[0]
         perms = [shuffled_order(ex.candidates, seed) for ex in examples]
-        shown_examples = [RankExample(ex.user, ex.history, tuple(ex.candidates[i] for i in p), 0)
-                          for ex, p in zip(examples, perms)]
+        shown_examples = [_reordered(ex, p) for ex, p in zip(examples, perms)]
         shown = self.score(shown_examples, "retriever", letter_prior=letter_prior)
         out = torch.empty_like(shown)
         for row, p in enumerate(perms):
@@ -124,8 +138,9 @@ class Ranker:
         shown); ``candidates`` and ``retriever_scores`` are the retriever's top-k, best first.
         """
         keep = self.builder.config.max_history
-        examples = [RankExample(-1, tuple(int(i) for i in list(h)[-keep:]), tuple(int(i) for i in row), 0)
-                    for h, row in zip(histories, candidates)]
+        examples = [RankExample(-1, tuple(int(i) for i in list(h)[-keep:]), tuple(int(i) for i in row), 0,
+                                tuple(float(x) for x in scores))
+                    for h, row, scores in zip(histories, candidates, np.asarray(retriever_scores))]
         llm = self.score(examples, scoring.order, scoring.permutations, scoring.seed, scoring.letter_prior)
         if not torch.isfinite(llm).all():
             raise LlamarecError("the ranker returned NaN or infinite scores: its weights are damaged")
@@ -170,13 +185,18 @@ def load_ranker(rank_dir: Path, titles: Sequence[str], *, zero_shot: bool = Fals
         adapter = rank_dir / ADAPTER_DIR
         if not adapter.is_dir():
             raise LlamarecError(f"{rank_dir}: no adapter saved yet; train first or pass --zero-shot")
-        if not (adapter / "adapter_model.safetensors").is_file():
+        if cfg.full_layers:
+            from llamarec.ranking.llm import load_full_layers
+
+            load_full_layers(model, adapter / FULL_LAYERS_FILE)
+        elif not (adapter / "adapter_model.safetensors").is_file():
             raise LlamarecError(f"{adapter}: no adapter_model.safetensors (other weight formats are "
                                 "not loaded: they can run code)")
-        try:
-            model = PeftModel.from_pretrained(model, adapter).eval()
-        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
-            raise LlamarecError(f"{adapter}: cannot load the adapter ({' '.join(str(exc).split())[:200]})") from None
+        else:
+            try:
+                model = PeftModel.from_pretrained(model, adapter).eval()
+            except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+                raise LlamarecError(f"{adapter}: cannot load the adapter ({' '.join(str(exc).split())[:200]})") from None
     path = rank_dir / PROMPT_FILE
     prompt = (read_json_config(PromptConfig, path) if path.is_file()
               else cfg.prompt_config())
