@@ -348,7 +348,7 @@ def score(
     histories: Annotated[Path | None, typer.Option(help="Parquet or JSONL file with columns user_id and history "
                                                         "(default: every user of the run's dataset).")] = None,
     k: Annotated[int, typer.Option("-k", help="Recommendations per user.")] = 10,
-    engine: Annotated[str, typer.Option(help="local, or ray (pip install -e \".[ray]\").")] = "local",
+    engine: Annotated[str, typer.Option(help="local, or ray (pip install -e \".\\[ray]\").")] = "local",
     workers: Annotated[int, typer.Option(help="Ray actors, one model each.")] = 1,
     batch_size: Annotated[int | None, typer.Option(help="Histories per ranker forward pass (the run's).")] = None,
     shards: Annotated[int | None, typer.Option(help="Output shards (one per 5,000 users).")] = None,
