@@ -8,13 +8,12 @@ import pytest
 
 from llamarec.candidates import Candidates, load_candidates, load_train_candidates
 from llamarec.data.dataset import Dataset
-from llamarec.data.split import history_and_target
+from llamarec.data.split import history_and_target, training_prefixes
 from llamarec.errors import LlamarecError
 from llamarec.ranking.examples import (
     evaluation_examples,
     hard_negative_examples,
     paper_examples,
-    training_prefixes,
 )
 
 
@@ -45,8 +44,8 @@ def time_limit(seconds: int):
 
 def test_training_prefixes_are_training_positions_after_the_first():
     ds = make_dataset([[1, 2, 3, 4, 5], [6, 7, 8], [1, 2, 3, 4]], n_items=8)
-    assert training_prefixes(ds).tolist() == [[0, 1], [0, 2], [2, 1]]
-    assert training_prefixes(make_dataset([[1, 2, 3]], 3)).shape == (0, 2)
+    assert training_prefixes(ds.sequences).tolist() == [[0, 1], [0, 2], [2, 1]]
+    assert training_prefixes(make_dataset([[1, 2, 3]], 3).sequences).shape == (0, 2)
 
 
 def test_paper_examples(tiny_dataset):
@@ -82,7 +81,7 @@ def test_paper_examples_are_deterministic_and_cut_history(tiny_dataset):
 def test_paper_examples_all_prefixes_when_fewer_than_asked():
     ds = make_dataset([list(range(1, 8)), list(range(10, 16))], n_items=25)
     examples = paper_examples(ds, 100, seed=0)
-    assert sorted([ex.user, len(ex.history)] for ex in examples) == training_prefixes(ds).tolist()
+    assert sorted([ex.user, len(ex.history)] for ex in examples) == training_prefixes(ds.sequences).tolist()
 
 
 def test_paper_examples_need_enough_items():

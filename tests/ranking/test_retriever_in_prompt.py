@@ -31,7 +31,7 @@ def test_the_prompt_shows_each_candidates_own_retriever_figures(ranker, examples
     ex = examples[0]
     prompt = ranker.prompt(ex.history, ex.candidates, ex.retriever_scores)
     best = int(np.argmax(ex.retriever_scores))
-    assert f"[#1 " in prompt and ranker.builder.title(ranker.titles[ex.candidates[best]]) + " [#1 " in prompt
+    assert "[#1 " in prompt and ranker.builder.title(ranker.titles[ex.candidates[best]]) + " [#1 " in prompt
     with pytest.raises(Exception, match="needs 20 retriever scores"):
         ranker.prompt(ex.history, ex.candidates)
 

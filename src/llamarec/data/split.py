@@ -16,6 +16,13 @@ def train_sequence(seq: np.ndarray) -> np.ndarray:
     return seq[:-2]
 
 
+def training_prefixes(sequences: list[np.ndarray]) -> np.ndarray:
+    """``[n, 2]`` (user, position) pairs of every training item with at least one item before
+    it: the next-item examples the training part holds (validation and test items excluded)."""
+    return np.array([(u, p) for u, s in enumerate(sequences) for p in range(1, len(s) - 2)],
+                    dtype=np.int64).reshape(-1, 2)
+
+
 def history_and_target(seq: np.ndarray, split: Split) -> tuple[np.ndarray, int]:
     """The history a model sees and the item it must find: validation predicts the
     second-last item from the training part, test the last from everything before it."""

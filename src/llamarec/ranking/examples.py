@@ -18,7 +18,7 @@ import numpy as np
 
 from llamarec.candidates import Candidates
 from llamarec.data.dataset import Dataset
-from llamarec.data.split import history_and_target
+from llamarec.data.split import history_and_target, training_prefixes
 from llamarec.errors import LlamarecError
 
 TrainOrder = Literal["retriever", "shuffled", "mix"]
@@ -39,12 +39,6 @@ def _shuffled(items: np.ndarray, target_item: int, rng: np.random.Generator) -> 
     return tuple(int(i) for i in shuffled), int(np.flatnonzero(shuffled == target_item)[0])
 
 
-def training_prefixes(ds: Dataset) -> np.ndarray:
-    """All (user, position) pairs of the training part with at least one item before them."""
-    return np.array([(u, p) for u, s in enumerate(ds.sequences) for p in range(1, len(s) - 2)],
-                    dtype=np.int64).reshape(-1, 2)
-
-
 def paper_examples(ds: Dataset, n_examples: int, *, n_candidates: int = 20, max_history: int = 20,
                    seed: int = 0) -> list[RankExample]:
     """Random prefixes; candidates = next item + random items outside the history, shuffled.
@@ -52,7 +46,7 @@ def paper_examples(ds: Dataset, n_examples: int, *, n_candidates: int = 20, max_
     if ds.n_items < n_candidates:
         raise LlamarecError(f"{ds.name}: {ds.n_items} items, fewer than {n_candidates} candidates")
     rng = np.random.default_rng(seed)
-    pairs = training_prefixes(ds)
+    pairs = training_prefixes(ds.sequences)
     pairs = pairs[rng.choice(len(pairs), min(n_examples, len(pairs)), replace=False)]
     examples = []
     for user, pos in pairs:

@@ -30,11 +30,11 @@ from llamarec.errors import LlamarecError
 from llamarec.io import atomic_dir, write_json
 from llamarec.layout import (
     ADAPTER_DIR,
+    FULL_LAYERS_FILE,
     LAST_CHECKPOINT,
     PROMPT_FILE,
     RANK_CONFIG,
     RANK_TRAIN_METRICS,
-    FULL_LAYERS_FILE,
     RANKER_SCALE_FILE,
 )
 from llamarec.manifest import record

@@ -196,7 +196,8 @@ def load_ranker(rank_dir: Path, titles: Sequence[str], *, zero_shot: bool = Fals
             try:
                 model = PeftModel.from_pretrained(model, adapter).eval()
             except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
-                raise LlamarecError(f"{adapter}: cannot load the adapter ({' '.join(str(exc).split())[:200]})") from None
+                reason = " ".join(str(exc).split())[:200]
+                raise LlamarecError(f"{adapter}: cannot load the adapter ({reason})") from None
     path = rank_dir / PROMPT_FILE
     prompt = (read_json_config(PromptConfig, path) if path.is_file()
               else cfg.prompt_config())

@@ -17,7 +17,7 @@ import torch
 from llamarec.candidates import Candidates
 from llamarec.catalogue import Catalogue
 from llamarec.checkpoint import save_tensors
-from llamarec.data.split import eval_examples
+from llamarec.data.split import eval_examples, training_prefixes
 from llamarec.errors import LlamarecError
 from llamarec.io import write_json
 from llamarec.layout import CANDIDATES_FILE, CANDIDATES_SUMMARY, CATALOGUE_FILE, RETRIEVER_MODEL
@@ -89,8 +89,7 @@ def _check_finite(scores: np.ndarray, run_dir: Path) -> None:
 
 def _sample_prefixes(sequences: list[np.ndarray], n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Up to ``n`` (user, position) pairs drawn uniformly from all training positions >= 1."""
-    pairs = np.array([(u, p) for u, s in enumerate(sequences) for p in range(1, len(s) - 2)],
-                     dtype=np.int64).reshape(-1, 2)
+    pairs = training_prefixes(sequences)
     rng = np.random.default_rng(seed)
     if len(pairs) > n:
         pairs = pairs[np.sort(rng.choice(len(pairs), n, replace=False))]
