@@ -119,10 +119,9 @@ def test_saved_adapter_reproduces_the_trained_scores(tiny_rank_config, tmp_path)
     torch.testing.assert_close(again, trained, atol=1e-5, rtol=1e-5)
 
 
-def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(tiny_rank_run, tiny_rank_config,
-                                                                  tmp_path, monkeypatch):
-    cfg = tiny_rank_config()
-    out = tmp_path / "rank"
+def interrupt_after_one_batch(monkeypatch) -> dict:
+    """Training raises :class:`Interrupted` at its second batch; ``calls`` counts the batches
+    (``calls.update(n=0, limit=100)`` lets a resumed run go on)."""
     original_loss = Finetuner._batch_loss
     calls = {"n": 0, "limit": 1}
 
@@ -133,6 +132,14 @@ def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(tiny_rank_run,
         return original_loss(self, examples)
 
     monkeypatch.setattr(Finetuner, "_batch_loss", loss)
+    return calls
+
+
+def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(tiny_rank_run, tiny_rank_config,
+                                                                  tmp_path, monkeypatch):
+    cfg = tiny_rank_config()
+    out = tmp_path / "rank"
+    calls = interrupt_after_one_batch(monkeypatch)
     with pytest.raises(Interrupted):
         finetune_ranker(cfg, out, progress=False)
     state = json.loads((out / "last" / "state.json").read_text())
@@ -347,16 +354,7 @@ def test_full_layers_trains_the_top_layers_and_its_saved_weights_reproduce_the_s
 def test_full_layers_resume_matches_an_uninterrupted_run(tiny_rank_config, tmp_path, monkeypatch):
     cfg = tiny_rank_config(full_layers=1)
     finetune_ranker(cfg, tmp_path / "whole", progress=False)
-    original_loss = Finetuner._batch_loss
-    calls = {"n": 0, "limit": 1}
-
-    def loss(self, examples):
-        calls["n"] += 1
-        if calls["n"] > calls["limit"]:
-            raise Interrupted
-        return original_loss(self, examples)
-
-    monkeypatch.setattr(Finetuner, "_batch_loss", loss)
+    calls = interrupt_after_one_batch(monkeypatch)
     with pytest.raises(Interrupted):
         finetune_ranker(cfg, tmp_path / "split", progress=False)
     calls.update(n=0, limit=100)
