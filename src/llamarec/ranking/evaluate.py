@@ -26,17 +26,15 @@ import pandas as pd
 import torch
 
 from llamarec.candidates import Candidates, load_candidates
-from llamarec.configs import read_json_config
 from llamarec.data import load_run_dataset
 from llamarec.errors import LlamarecError
 from llamarec.io import atomic_path, write_json
-from llamarec.layout import EVAL_METRICS, EVAL_RANKS, PROMPT_FILE
+from llamarec.layout import EVAL_METRICS, EVAL_RANKS
 from llamarec.manifest import record
 from llamarec.metrics import metrics_from_ranks, overall_metrics, paired_bootstrap, per_user_metric, target_ranks
 from llamarec.ranking.config import RankConfig, verify_ranker_run
 from llamarec.ranking.examples import RankExample, evaluation_examples
-from llamarec.ranking.prompt import PromptConfig
-from llamarec.ranking.ranker import Ranker, load_ranker, read_rank_config, read_ranker_scale
+from llamarec.ranking.ranker import Ranker, load_ranker, read_prompt_config, read_rank_config, read_ranker_scale
 from llamarec.ranking.scoring import (
     KS,
     Order,
@@ -180,12 +178,6 @@ def letter_prior(scores: Ranker | LocalScores | RayScores, examples: list[RankEx
     return estimate_letter_prior(scores(shown, ScoringConfig()))
 
 
-def _max_history(rank_dir: Path, cfg: RankConfig) -> int:
-    """The prompt's history window, as :func:`load_ranker` sets it, without loading the model."""
-    path = rank_dir / PROMPT_FILE
-    return (read_json_config(PromptConfig, path) if path.is_file() else cfg.prompt_config()).max_history
-
-
 # --------------------------------------------------------------------------- evaluation
 def evaluate_ranker(rank_dir: Path, *, zero_shot: bool = False, order: Order = "retriever",
                     permutations: int = 3, limit: int | None = None, out: Path | None = None,
@@ -207,7 +199,7 @@ def evaluate_ranker(rank_dir: Path, *, zero_shot: bool = False, order: Order = "
     verify_ranker_run(rank_dir, adapter=not zero_shot)
     cfg = read_rank_config(rank_dir)
     ds = load_run_dataset(cfg.retriever)
-    max_history = _max_history(rank_dir, cfg)
+    max_history = read_prompt_config(rank_dir, cfg).max_history
     examples = {}
     for split in ("val", "test"):
         examples[split] = evaluation_examples(ds, load_candidates(cfg.retriever, split), split,

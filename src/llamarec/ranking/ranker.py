@@ -148,6 +148,15 @@ class Ranker:
         return llm, fuse(scoring.ranker_scale * llm, ret, scoring.fusion_weight, scoring.retriever_temperature)
 
 
+def read_prompt_config(rank_dir: Path, cfg: RankConfig | None = None) -> PromptConfig:
+    """The prompt config a ranker run was trained with (its ``prompt.json``; runs older than
+    that file: the one its rank config describes)."""
+    path = rank_dir / PROMPT_FILE
+    if path.is_file():
+        return read_json_config(PromptConfig, path)
+    return (cfg or read_rank_config(rank_dir)).prompt_config()
+
+
 def read_ranker_scale(rank_dir: Path) -> float:
     """The factor on the ranker's letter logits before fusion: the gate a residual ranker
     learned (saved with its adapter), 1 for any other ranker."""
@@ -198,7 +207,5 @@ def load_ranker(rank_dir: Path, titles: Sequence[str], *, zero_shot: bool = Fals
             except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
                 reason = " ".join(str(exc).split())[:200]
                 raise LlamarecError(f"{adapter}: cannot load the adapter ({reason})") from None
-    path = rank_dir / PROMPT_FILE
-    prompt = (read_json_config(PromptConfig, path) if path.is_file()
-              else cfg.prompt_config())
-    return Ranker(model, tokenizer, titles, prompt, batch_size or cfg.eval_batch_size, prefix_cache=prefix_cache)
+    return Ranker(model, tokenizer, titles, read_prompt_config(rank_dir, cfg), batch_size or cfg.eval_batch_size,
+                  prefix_cache=prefix_cache)
