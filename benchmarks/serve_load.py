@@ -2,7 +2,8 @@
 
     python benchmarks/serve_load.py --run DIR [--clients 1 4 16] [--seconds 60] [--batching on off]
                                     [--max-batch 8] [--max-wait-ms 5] [--history-len 10] [--k 10]
-                                    [--warmup-seconds 20] [--baseline-calls 30] [--device cpu] [--json]
+                                    [--warmup-seconds 20] [--baseline-calls 30] [--device cpu]
+                                    [--prefix-cache-mb 256] [--json]
 
 For each batching mode the server is started on 127.0.0.1 (a subprocess, ``llamarec serve``;
 ``off`` is ``--max-batch 1``), warmed up at the largest client count (so batches of every size
@@ -86,13 +87,14 @@ def free_port() -> int:
 class Server:
     """``llamarec serve`` in a subprocess on a free loopback port."""
 
-    def __init__(self, run: Path, max_batch: int, max_wait_ms: float, device: str) -> None:
+    def __init__(self, run: Path, max_batch: int, max_wait_ms: float, device: str, prefix_cache_mb: int) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
             [sys.executable, "-c", SERVE, "serve", "--run", str(run), "--port", str(self.port),
-             "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--device", device],
+             "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--device", device,
+             "--prefix-cache-mb", str(prefix_cache_mb)],
             stdout=subprocess.DEVNULL, stderr=self.log, env={k: v for k, v in os.environ.items()
                                                              if k != "LLAMAREC_API_KEY"})
 
@@ -188,6 +190,9 @@ def main() -> None:
     p.add_argument("--baseline-calls", type=int, default=30, help="Direct Recommender.recommend calls (0: skip).")
     p.add_argument("--max-requests", type=int, default=100_000, help="Cap per measurement.")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--prefix-cache-mb", type=int, default=256,
+                   help="The server's prefix cache (0: off). Random histories rarely repeat, so the cache "
+                        "only fills: with it on, memory grows by up to this much after warm-up.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="Print one JSON object.")
     args = p.parse_args()
@@ -196,12 +201,13 @@ def main() -> None:
 
     histories = make_histories(args.run, 500, args.history_len, args.seed)
     report: dict = {"run": str(args.run), "machine": machine(args.device), "seconds": args.seconds,
+                    "prefix_cache_mb": args.prefix_cache_mb,
                     "history_len": args.history_len, "k": args.k, "results": []}
     if args.baseline_calls:
         report["baseline_direct"] = baseline(args.run, histories, args.k, args.baseline_calls, args.device)
     for mode in args.batching:
         max_batch = args.max_batch if mode == "on" else 1
-        server = Server(args.run, max_batch, args.max_wait_ms, args.device)
+        server = Server(args.run, max_batch, args.max_wait_ms, args.device, args.prefix_cache_mb)
         try:
             server.wait_ready()
             asyncio.run(drive(server.url, max(args.clients), args.warmup_seconds, histories[::-1], args.k,
