@@ -12,7 +12,8 @@ client count, each sending ``POST /recommend`` back to back with random historie
 items. It prints, per mode and client count: requests per second, p50/p95/p99 latency, the mean
 number of histories per ranker forward (from the server's ``/stats``), errors (any answer but
 200, or no answer), the server's resident memory after warm-up and after the row, and the
-growth between the two (the memory target is growth under 5 % over a long row). The baseline is
+growth between the two (the memory target is growth under 5 % over a long row; the JSON also
+has the memory every 30 s of the row). The baseline is
 ``Recommender.recommend`` called directly in this process (before any server starts): its p50.
 
 Every loop is bounded: by time (``--seconds``) and by ``--max-requests`` per measurement. All
@@ -32,12 +33,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import numpy as np
 import psutil
 
+RSS_EVERY = 30  # seconds between samples of the server's memory during a row
 SERVE = "import sys; from llamarec.cli import main; sys.argv[0] = 'llamarec'; main()"
 
 
@@ -130,10 +133,12 @@ class Server:
 
 
 async def drive(url: str, clients: int, seconds: float, histories: list[list[str]], k: int,
-                max_requests: int) -> dict:
+                max_requests: int, rss: Callable[[], float] | None = None) -> dict:
     """``clients`` loops sending requests back to back until ``seconds`` pass or
-    ``max_requests`` were sent; latencies of the 200 answers, count of the others."""
+    ``max_requests`` were sent; latencies of the 200 answers, count of the others; with
+    ``rss``, the server's memory every RSS_EVERY seconds meanwhile."""
     latencies: list[float] = []
+    timeline: list[float] = []
     errors: dict[str, int] = {}
     sent = 0
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
@@ -157,11 +162,16 @@ async def drive(url: str, clients: int, seconds: float, histories: list[list[str
                     errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
                 i += clients
 
-        await asyncio.gather(*(one(c) for c in range(clients)))
+        async def sample() -> None:
+            while rss is not None and time.perf_counter() < end:
+                await asyncio.sleep(RSS_EVERY)
+                timeline.append(rss())
+
+        await asyncio.gather(sample(), *(one(c) for c in range(clients)))
         elapsed = time.perf_counter() - start
     return {"requests": len(latencies), "seconds": round(elapsed, 2),
             "throughput_rps": round(len(latencies) / elapsed, 2), **percentiles(latencies),
-            "errors": sum(errors.values()), "error_kinds": errors}
+            "errors": sum(errors.values()), "error_kinds": errors, "rss_every_30s_mb": timeline}
 
 
 def machine(device: str) -> dict:
@@ -215,7 +225,8 @@ def main() -> None:
             rss_warm = server.rss_mb()
             for clients in args.clients:
                 before = server.stats()
-                result = asyncio.run(drive(server.url, clients, args.seconds, histories, args.k, args.max_requests))
+                result = asyncio.run(drive(server.url, clients, args.seconds, histories, args.k, args.max_requests,
+                                           server.rss_mb))
                 after = server.stats()
                 batches = after["batches"] - before["batches"]
                 mean_batch = (after["batched_histories"] - before["batched_histories"]) / batches if batches else 0.0
