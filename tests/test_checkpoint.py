@@ -92,3 +92,21 @@ def test_restored_adamw_differs_from_a_fresh_one(tmp_path):
     _step(model, optimizer, x)
     _step(fresh, torch.optim.AdamW(fresh.parameters(), lr=0.05), x)
     assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters(), strict=True))
+
+
+def test_an_option_added_since_the_run_started_is_unchanged_while_at_its_default(tmp_path):
+    from pydantic import BaseModel
+
+    from llamarec.checkpoint import check_same_config
+
+    class Config(BaseModel):
+        lr: float = 1e-3
+        new_option: bool = False
+        new_list: list[int] = []
+
+    saved = {"lr": 1e-3}  # written before new_option and new_list existed
+    assert check_same_config(tmp_path, saved, Config(), "run") == {"lr": 1e-3, "new_option": False, "new_list": []}
+    with pytest.raises(LlamarecError, match=r"different config \(new_option\)"):
+        check_same_config(tmp_path, saved, Config(new_option=True), "run")
+    with pytest.raises(LlamarecError, match=r"different config \(gone, lr\)"):
+        check_same_config(tmp_path, {"lr": 1.0, "gone": 3}, Config(), "run")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from pydantic import BaseModel
 from safetensors.torch import load_file, save_file
 
 from llamarec.configs import read_json_file
@@ -116,8 +117,23 @@ def restore_state(cls: type[T], state: dict, directory: Path) -> T:
                             "from the start") from None
 
 
-def check_same_config(out: Path, saved: dict | None, current: dict, what: str) -> None:
-    """Refuse to continue a run in ``out`` whose saved config differs from ``current``."""
-    if saved is not None and saved != current:
-        diff = sorted(k for k in current if saved.get(k) != current[k])
+def check_same_config(out: Path, saved: dict | None, cfg: BaseModel, what: str) -> dict:
+    """Refuse to continue a run in ``out`` whose saved config differs from ``cfg``; returns
+    ``cfg`` as JSON data. An option missing from ``saved`` (added to llamarec after the run
+    started) counts as unchanged while it is at its default."""
+    current = json.loads(cfg.model_dump_json())
+    if saved is None:
+        return current
+    fields = type(cfg).model_fields
+
+    def unchanged(key: str) -> bool:
+        if key in saved:
+            return key in current and saved[key] == current[key]
+        field = fields.get(key)
+        return (field is not None and not field.is_required()
+                and getattr(cfg, key) == field.get_default(call_default_factory=True))
+
+    diff = sorted(k for k in current.keys() | saved.keys() if not unchanged(k))
+    if diff:
         raise LlamarecError(f"{out}: holds a {what} with a different config ({', '.join(diff)}); use another --out")
+    return current

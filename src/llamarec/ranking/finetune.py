@@ -11,7 +11,6 @@ JSON config; an interrupted run resumes from its last checkpoint.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import time
@@ -316,9 +315,8 @@ class Finetuner:
 
     def _check_config(self) -> None:
         path = self.out / RANK_CONFIG
-        current = json.loads(self.cfg.model_dump_json())
         saved = read_json_file(path) if path.is_file() else None
-        check_same_config(self.out, saved, current, "ranker run")
+        current = check_same_config(self.out, saved, self.cfg, "ranker run")
         write_json(path, current)
         record(self.out, path)
         write_json(self.out / PROMPT_FILE, self.prompt_cfg.model_dump())

@@ -3,7 +3,6 @@ AdamW, validation every N iterations with exactly the test protocol, early stopp
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,8 +90,7 @@ class Trainer:
         if path.is_file() and not isinstance(saved, dict):
             raise LlamarecError(f"{path}: no 'train' section (an edited or damaged config); restore it or use "
                                 "another --out")
-        current = json.loads(self.cfg.model_dump_json())
-        check_same_config(self.out, saved, current, "run")
+        current = check_same_config(self.out, saved, self.cfg, "run")
         write_json(path, {"train": current, "model": model_config(self.cfg, self.ds.n_items).to_dict(),
                           "data": self.ds.stats()})
         record(self.out, path)
