@@ -198,3 +198,17 @@ def test_mixed_order_holds_both_kinds(tiny_retriever_run, tiny_dataset):
     in_order = [list(ex.retriever_scores) == sorted(ex.retriever_scores, reverse=True) for ex in mixed]
     assert any(in_order) and not all(in_order)
     assert len(mixed) < len(train["users"])  # retriever-order draws skip the misses
+
+
+def test_shuffled_hits_keep_only_found_targets_in_a_random_order():
+    ds = make_dataset([list(range(1, 30)), list(range(30, 60))], n_items=60)
+    items = np.arange(31, 51).reshape(1, 20).repeat(3, 0)
+    scores = np.linspace(5.0, 1.0, 20, dtype=np.float32).reshape(1, 20).repeat(3, 0)
+    train = {"users": np.array([0, 1, 1]), "positions": np.array([5, 3, 6]), "items": items,
+             "scores": scores, "targets": np.array([6, 33, 36])}
+    examples = hard_negative_examples(ds, train, max_history=4, seed=0, order="shuffled_hits")
+    assert sorted(ex.candidates[ex.target] for ex in examples) == [33, 36]  # the missed target 6 is dropped
+    assert all(sorted(ex.candidates) == list(range(31, 51)) for ex in examples)  # nothing inserted
+    assert any(list(ex.candidates) != list(range(31, 51)) for ex in examples)  # shown shuffled
+    for ex in examples:
+        assert dict(zip(ex.candidates, ex.retriever_scores)) == pytest.approx(dict(zip(range(31, 51), scores[0])))

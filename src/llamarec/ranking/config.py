@@ -38,8 +38,9 @@ class RankConfig(BaseModel):
     loss: Literal["vocab", "letters"] = Field(
         "vocab", description="cross-entropy over the whole vocabulary, or over the candidates' letters only")
     examples: Literal["hard", "paper"] = Field("hard", description="how training candidates are chosen")
-    train_order: Literal["shuffled", "retriever", "mix"] = Field(
-        "shuffled", description="candidate order of hard training examples (mix: half of each)")
+    train_order: Literal["shuffled", "retriever", "shuffled_hits", "mix"] = Field(
+        "shuffled", description="candidate order of hard training examples (shuffled_hits: only prefixes whose "
+                                "target the retriever found, shuffled; mix: half shuffled, half retriever)")
     residual_weight: float = Field(
         0.0, ge=0.0, description="w > 0: train and rank with letter logits + w x calibrated retriever log-probs")
     val_order: Literal["shuffled", "retriever"] = Field(

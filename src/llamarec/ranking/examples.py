@@ -21,7 +21,7 @@ from llamarec.data.dataset import Dataset
 from llamarec.data.split import history_and_target, training_prefixes
 from llamarec.errors import LlamarecError
 
-TrainOrder = Literal["retriever", "shuffled", "mix"]
+TrainOrder = Literal["retriever", "shuffled", "shuffled_hits", "mix"]
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,9 @@ def hard_negative_examples(ds: Dataset, train: dict[str, np.ndarray], *, max_his
 
     ``shuffled``: every prefix, a missing target put in place of the last candidate (with that
     candidate's score), candidates shuffled. ``retriever``: only prefixes whose target is among
-    the candidates, in the retriever's order. ``mix``: each example one or the other, at random.
+    the candidates, in the retriever's order. ``shuffled_hits``: those same prefixes, shuffled
+    (an inserted target is the one candidate the retriever did not pick, a cue that evaluation
+    never shows). ``mix``: each example ``shuffled`` or ``retriever``, at random.
     """
     rng = np.random.default_rng(seed)
     rows = rng.permutation(len(train["users"]))
@@ -81,9 +83,9 @@ def hard_negative_examples(ds: Dataset, train: dict[str, np.ndarray], *, max_his
     for row in rows:
         user, pos, target = int(train["users"][row]), int(train["positions"][row]), int(train["targets"][row])
         items, scores = train["items"][row].copy(), train["scores"][row]
-        shuffle = order == "shuffled" or (order == "mix" and rng.random() < 0.5)
+        shuffle = order in ("shuffled", "shuffled_hits") or (order == "mix" and rng.random() < 0.5)
         if target not in items:
-            if not shuffle:
+            if not shuffle or order == "shuffled_hits":
                 continue
             items[-1] = target
         perm = rng.permutation(len(items)) if shuffle else np.arange(len(items))
