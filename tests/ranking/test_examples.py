@@ -173,12 +173,19 @@ def test_evaluation_examples_on_the_tiny_run(tiny_retriever_run, tiny_dataset, s
         assert list(ex.retriever_scores) == sorted(ex.retriever_scores, reverse=True)
 
 
-def test_hard_negatives_in_retriever_order_keep_only_hits_with_their_scores():
+def three_prefixes_one_missed():
+    """Two users, three training prefixes with the same 20 candidates (items 31..50, scores
+    falling); the first prefix's target (item 6) is not among them."""
     ds = make_dataset([list(range(1, 30)), list(range(30, 60))], n_items=60)
     items = np.arange(31, 51).reshape(1, 20).repeat(3, 0)
     scores = np.linspace(5.0, 1.0, 20, dtype=np.float32).reshape(1, 20).repeat(3, 0)
     train = {"users": np.array([0, 1, 1]), "positions": np.array([5, 3, 6]), "items": items,
              "scores": scores, "targets": np.array([6, 33, 36])}
+    return ds, train, scores
+
+
+def test_hard_negatives_in_retriever_order_keep_only_hits_with_their_scores():
+    ds, train, scores = three_prefixes_one_missed()
     examples = hard_negative_examples(ds, train, max_history=4, seed=0, order="retriever")
     assert sorted(ex.candidates[ex.target] for ex in examples) == [33, 36]  # row 0 (target 6) missed
     for ex in examples:
@@ -201,11 +208,7 @@ def test_mixed_order_holds_both_kinds(tiny_retriever_run, tiny_dataset):
 
 
 def test_shuffled_hits_keep_only_found_targets_in_a_random_order():
-    ds = make_dataset([list(range(1, 30)), list(range(30, 60))], n_items=60)
-    items = np.arange(31, 51).reshape(1, 20).repeat(3, 0)
-    scores = np.linspace(5.0, 1.0, 20, dtype=np.float32).reshape(1, 20).repeat(3, 0)
-    train = {"users": np.array([0, 1, 1]), "positions": np.array([5, 3, 6]), "items": items,
-             "scores": scores, "targets": np.array([6, 33, 36])}
+    ds, train, scores = three_prefixes_one_missed()
     examples = hard_negative_examples(ds, train, max_history=4, seed=0, order="shuffled_hits")
     assert sorted(ex.candidates[ex.target] for ex in examples) == [33, 36]  # the missed target 6 is dropped
     assert all(sorted(ex.candidates) == list(range(31, 51)) for ex in examples)  # nothing inserted
