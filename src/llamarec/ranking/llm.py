@@ -280,13 +280,9 @@ def load_full_layers(model: torch.nn.Module, path: Path) -> None:
     """Overwrite the base model's weights with those a ``full_layers`` fine-tuning saved in
     ``path`` (safetensors, names as in the model's state dict), cast to the model's dtype;
     a name or shape the model does not have is a one-line error."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from llamarec.checkpoint import load_tensors
 
-    try:
-        weights = load_file(path)
-    except (OSError, SafetensorError) as exc:
-        raise LlamarecError(f"{path}: cannot read the trained layers ({_one_line(exc)})") from None
+    weights = load_tensors(path)[0]
     own = model.state_dict()
     wrong = [name for name, t in weights.items() if name not in own or own[name].shape != t.shape]
     if wrong:
