@@ -22,7 +22,14 @@ import torch
 from tqdm.auto import tqdm
 
 from llamarec.candidates import load_candidates, load_train_candidates
-from llamarec.checkpoint import check_same_config, load_training_state, restore_state, restoring, save_training_state
+from llamarec.checkpoint import (
+    check_same_config,
+    load_training_state,
+    restore_state,
+    restoring,
+    save_tensors,
+    save_training_state,
+)
 from llamarec.configs import read_json_file
 from llamarec.data import load_run_dataset
 from llamarec.errors import LlamarecError
@@ -267,9 +274,7 @@ class Finetuner:
     def _save_adapter(self) -> None:
         with atomic_dir(self.out / ADAPTER_DIR) as tmp:
             if self.cfg.full_layers:
-                from safetensors.torch import save_file
-
-                save_file({k: v.contiguous() for k, v in self._trained_weights().items()}, tmp / FULL_LAYERS_FILE)
+                save_tensors(tmp / FULL_LAYERS_FILE, self._trained_weights())
             else:
                 self.model.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
