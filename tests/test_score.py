@@ -273,3 +273,35 @@ def test_a_cluster_that_asks_for_a_token_is_a_one_line_error_that_says_so(monkey
     with pytest.raises(LlamarecError, match=message) as info:
         connect(1, "10.0.0.1:6379")
     assert "\n" not in str(info.value)
+
+
+def test_a_refused_connection_on_a_ray_without_authentication_error_is_one_line(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rays before 2.52 have no ``ray.exceptions.AuthenticationError``: the except clause must
+    not look it up (that would raise AttributeError with a traceback)."""
+    import sys
+    import types
+
+    from llamarec.score_ray import connect
+
+    def init(**_):
+        raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.1:6379")
+
+    fake = types.SimpleNamespace(is_initialized=lambda: False, init=init, exceptions=types.SimpleNamespace())
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    with pytest.raises(LlamarecError, match=r"^ray address '10.0.0.1:6379': cannot connect \(Failed to connect"):
+        connect(1, "10.0.0.1:6379")
+
+
+def test_a_ray_data_timeout_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray Data gives up on actors that never get their resources (GPUs the cluster lacks) with
+    ExecutionTimeoutError, a plain Exception: the session turns it into one line too."""
+    pytest.importorskip("ray")
+    from ray.data.exceptions import ExecutionTimeoutError
+
+    from llamarec import score_ray
+
+    monkeypatch.setattr(score_ray, "connect", lambda workers, address: False)  # no cluster needed
+    with pytest.raises(LlamarecError, match=r"^ray: Timed out after 1800 s waiting for actors$"):
+        with score_ray.session(1, None):
+            raise ExecutionTimeoutError("Timed out after 1800 s\n  waiting for actors")

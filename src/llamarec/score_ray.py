@@ -81,7 +81,8 @@ def connect(workers: int, address: str | None) -> bool:
             ray.init(address=address, log_to_driver=False)
         else:
             ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
-    except (ConnectionError, ray.exceptions.AuthenticationError) as exc:
+    # AuthenticationError is new in Ray 2.52; on older versions a refused connection is a ConnectionError
+    except (ConnectionError, getattr(ray.exceptions, "AuthenticationError", ConnectionError)) as exc:
         raise LlamarecError(f"ray address {address!r}: cannot connect ({' '.join(str(exc).split())[:200]})"
                             f"{_auth_hint(exc)}") from None
     return True
@@ -109,9 +110,20 @@ def session(workers: int, address: str | None) -> Iterator[None]:
         if os.environ.get("LLAMAREC_DEBUG"):
             raise
         raise LlamarecError(_last_line(exc)) from None
+    except _execution_timeout() as exc:  # e.g. actors asking for GPUs the cluster does not have
+        raise LlamarecError(f"ray: {' '.join(str(exc).split())[:300]}") from None
     finally:
         if started:
             ray.shutdown()
+
+
+def _execution_timeout() -> type[Exception] | tuple[()]:
+    """Ray Data's timeout error (a plain Exception, not a RayError), where this Ray has one."""
+    try:
+        from ray.data.exceptions import ExecutionTimeoutError
+    except ImportError:
+        return ()  # an except clause of () catches nothing
+    return ExecutionTimeoutError
 
 
 def on_actors(rows: list[dict], fn: type, kwargs: dict, workers: int, gpus: int):

@@ -87,6 +87,17 @@ def test_chunked_equals_the_whole_matrix(seed, batch_size, budget):
         evaluate_ranks(model, histories, targets, 5, batch_size=batch_size, memory_budget=budget), want[2])
 
 
+def test_a_padding_target_ranks_last_as_in_the_whole_matrix():
+    """Item 0 is the padding column, excluded like the history: a target of 0 (bad input, or a
+    stand-in model) ranks last, as ``metrics.target_ranks`` ranks it, not by its raw score."""
+    model, histories, targets = random_case(3)
+    targets[:5] = 0
+    model.table[:, 0] = 10.0  # the padding column would outscore every item
+    want = whole_matrix(model, histories, targets, k=8, max_len=5)
+    assert (want[2][:5] == N_ITEMS).all()
+    np.testing.assert_array_equal(evaluate_ranks(model, histories, targets, 5, batch_size=4), want[2])
+
+
 def test_a_tiny_budget_scores_one_user_at_a_time_with_the_same_results():
     model, histories, targets = random_case(7)
     seen, chunks = [], []

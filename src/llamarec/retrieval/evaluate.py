@@ -82,7 +82,8 @@ def _exclude_and_rank(scores: torch.Tensor, history: torch.Tensor, targets: torc
     a target above -inf is neither NaN nor excluded, so only the target's own column needs
     care: it counts itself unless exclusion took it out. A target at -inf ranks last."""
     picked = scores.gather(1, targets.view(-1, 1)).squeeze(1)
-    target_scores = torch.where(picked.isnan(), float("-inf"), picked).numpy()
+    # NaN counts as -inf, and so does the padding column: a target of 0 ranks last
+    target_scores = torch.where(picked.isnan() | (targets == 0), float("-inf"), picked).numpy()
     _exclude_history(scores, history)
     own = scores.gather(1, targets.view(-1, 1)).squeeze(1).numpy()
     last = scores.shape[1] - 1
