@@ -11,7 +11,7 @@ import torch
 from llamarec.candidates import load_candidates
 from llamarec.errors import LlamarecError
 from llamarec.metrics import metrics_from_ranks, target_ranks
-from llamarec.ranking.evaluate import evaluate_ranker
+from llamarec.ranking.evaluate import evaluate_ranker, rerank_chunk
 from llamarec.ranking.examples import evaluation_examples
 from llamarec.ranking.llm import load_llm
 from llamarec.ranking.ranker import Ranker
@@ -279,3 +279,78 @@ def test_the_cli_passes_the_engine_options(tiny_pipeline_run, tmp_path, run_llam
                           "--engine", "local", "--workers", "2")
     assert result.returncode == 1
     assert result.stderr == "error: workers=2: the local engine runs one process; use engine ray\n"
+
+
+# --------------------------------------------------------------------------- resuming
+
+class Interrupted(Exception):
+    pass
+
+
+RERANK_CHUNK = rerank_chunk  # the real one, whatever a test patched in its place
+
+
+def interrupt_after(monkeypatch, calls: int) -> list[int]:
+    """Make the evaluation's chunk scoring fail after ``calls`` chunks; returns the counter."""
+    from llamarec.ranking import evaluate
+
+    done, rerank = [], RERANK_CHUNK
+
+    def counting(ranker, examples, scoring):
+        if len(done) == calls:
+            raise Interrupted
+        done.append(len(examples))
+        return rerank(ranker, examples, scoring)
+
+    monkeypatch.setattr(evaluate, "rerank_chunk", counting)
+    return done
+
+
+def test_an_interrupted_evaluation_resumes_from_its_saved_chunks(tiny_rank_run, tmp_path, monkeypatch):
+    """Letter scores are saved chunk by chunk: a rerun scores only the chunks left and ends
+    with the results of an uninterrupted run; the partial scores are removed at the end."""
+    from llamarec.ranking.evaluate import PARTIAL_PREFIX
+
+    whole = tmp_path / "whole"
+    counted = interrupt_after(monkeypatch, 10**9)
+    want = evaluate_ranker(tiny_rank_run, out=whole, order="shuffled")
+    n_chunks = len(counted)
+    assert n_chunks >= 3
+
+    out = tmp_path / "resumed"
+    interrupt_after(monkeypatch, 2)
+    with pytest.raises(Interrupted):
+        evaluate_ranker(tiny_rank_run, out=out, order="shuffled")
+    assert len(list(out.glob(f"{PARTIAL_PREFIX}*.safetensors"))) == 1
+    assert not (out / "metrics.json").exists()
+
+    counted = interrupt_after(monkeypatch, 10**9)
+    got = evaluate_ranker(tiny_rank_run, out=out, order="shuffled")
+    assert len(counted) == n_chunks - 2
+    assert got == want
+    pd.testing.assert_frame_equal(pd.read_csv(out / "ranks.csv"), pd.read_csv(whole / "ranks.csv"))
+    assert not list(out.glob(f"{PARTIAL_PREFIX}*"))
+
+
+def test_saved_chunks_of_another_evaluation_or_an_unreadable_file_are_not_used(tiny_rank_run, tmp_path,
+                                                                              monkeypatch):
+    from llamarec.ranking.evaluate import PARTIAL_PREFIX
+
+    want = evaluate_ranker(tiny_rank_run, out=tmp_path / "whole")
+    out = tmp_path / "eval"
+    interrupt_after(monkeypatch, 2)
+    with pytest.raises(Interrupted):
+        evaluate_ranker(tiny_rank_run, out=out, order="shuffled")  # another order: other scores
+    counted = interrupt_after(monkeypatch, 10**9)
+    assert evaluate_ranker(tiny_rank_run, out=out) == {**want}
+    n_chunks = len(counted)
+
+    interrupt_after(monkeypatch, 1)
+    with pytest.raises(Interrupted):
+        evaluate_ranker(tiny_rank_run, out=out)
+    [partial] = out.glob(f"{PARTIAL_PREFIX}*.safetensors")
+    partial.write_bytes(b"not safetensors")
+    counted = interrupt_after(monkeypatch, 10**9)
+    with pytest.warns(UserWarning, match=r"not a valid safetensors file.*scoring its chunks again"):
+        assert evaluate_ranker(tiny_rank_run, out=out) == want
+    assert len(counted) == n_chunks

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -26,10 +29,11 @@ import pandas as pd
 import torch
 
 from llamarec.candidates import Candidates, load_candidates
+from llamarec.checkpoint import load_tensors, save_tensors
 from llamarec.data import load_run_dataset
 from llamarec.errors import LlamarecError
 from llamarec.io import atomic_path, write_json
-from llamarec.layout import EVAL_METRICS, EVAL_RANKS
+from llamarec.layout import EVAL_METRICS, EVAL_RANKS, MANIFEST_FILE
 from llamarec.manifest import record
 from llamarec.metrics import metrics_from_ranks, overall_metrics, paired_bootstrap, per_user_metric, target_ranks
 from llamarec.ranking.config import RankConfig, verify_ranker_run
@@ -47,6 +51,7 @@ from llamarec.ranking.scoring import (
 from llamarec.ranking.verbalizer import seeded_orders
 
 COMPARED = ("NDCG@10", "Recall@10", "MRR@10")
+PARTIAL_PREFIX = "partial-"  # letter scores of an evaluation in progress (PartialScores)
 
 
 def _labels(examples: list[RankExample]) -> torch.Tensor:
@@ -118,52 +123,142 @@ def _plain(ex: RankExample) -> tuple[list[int], list[int], list[float]]:
     return list(ex.history), list(ex.candidates), list(ex.retriever_scores)
 
 
-class LocalScores:
-    """Letter scores of evaluation examples in this process (engine ``local``)."""
+class PartialScores:
+    """The letter scores of the chunks scored so far, saved after each one, so that an
+    interrupted evaluation resumes where it stopped instead of starting again.
 
-    def __init__(self, ranker: Ranker) -> None:
-        self.ranker, self.dtype = ranker, dtype_name(ranker)
+    They live in ``directory`` as ``partial-<key>.safetensors`` (one tensor per chunk), the key
+    a hash of everything the scores depend on: the ranker run's manifest (its adapter's
+    checksums), the options it is loaded with, the scoring config, the examples and their
+    chunks. A file with another key is another call's; an unreadable one is started afresh."""
+
+    def __init__(self, directory: Path, identity: dict, examples: Sequence[RankExample],
+                 chunks: list[list[int]], scoring: ScoringConfig) -> None:
+        blob = json.dumps([identity, scoring.model_dump(), [_plain(ex) for ex in examples], chunks], sort_keys=True)
+        self.path = directory / f"{PARTIAL_PREFIX}{hashlib.sha256(blob.encode()).hexdigest()[:16]}.safetensors"
+        self.meta: dict = {}
+
+    def load(self) -> dict[int, torch.Tensor]:
+        if not self.path.is_file():
+            return {}
+        try:
+            tensors, self.meta = load_tensors(self.path)
+        except LlamarecError as exc:
+            warnings.warn(f"{exc}; scoring its chunks again", stacklevel=2)
+            return {}
+        return {int(k): v for k, v in tensors.items()}
+
+    def save(self, done: dict[int, torch.Tensor], dtype: str | None) -> None:
+        save_tensors(self.path, {str(k): v for k, v in done.items()}, {"dtype": dtype})
+
+
+def remove_partial_scores(directory: Path) -> None:
+    for path in directory.glob(f"{PARTIAL_PREFIX}*.safetensors"):
+        path.unlink(missing_ok=True)
+
+
+class ChunkedScores:
+    """Letter scores of evaluation examples, planned into chunks (:func:`plan_chunks`) that an
+    engine reranks; with ``resume_dir``, done chunks are saved and not scored again."""
+
+    titles: Sequence[str]
+    batch_size: int
+    identity: dict
+    dtype: str | None
+
+    def __init__(self, resume_dir: Path | None) -> None:
+        self.resume_dir = resume_dir
+
+    def run(self, todo: list[tuple[int, list[RankExample]]],
+            scoring: ScoringConfig) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(chunk index, its letter scores)`` for each chunk of ``todo``, as they are done."""
+        raise NotImplementedError
 
     def __call__(self, examples: Sequence[RankExample], scoring: ScoringConfig) -> torch.Tensor:
+        chunks = plan_chunks(examples, self.titles, self.batch_size)
+        partial = None if self.resume_dir is None else PartialScores(self.resume_dir, self.identity, examples,
+                                                                     chunks, scoring)
+        done = partial.load() if partial else {}
+        if done and self.dtype is None:
+            self.dtype = partial.meta.get("dtype")
+        todo = [(i, [examples[p] for p in chunk]) for i, chunk in enumerate(chunks) if i not in done]
+        for i, scores in self.run(todo, scoring):
+            done[i] = scores
+            if partial:
+                partial.save(done, self.dtype)
         out = torch.empty(len(examples), len(examples[0].candidates))
-        for chunk in plan_chunks(examples, self.ranker.titles, self.ranker.scorer.batch_size):
-            out[chunk] = rerank_chunk(self.ranker, [_plain(examples[i]) for i in chunk], scoring)
+        for i, chunk in enumerate(chunks):
+            out[chunk] = done[i]
         return out
 
 
-class RayScores:
+class LocalScores(ChunkedScores):
+    """Letter scores of evaluation examples in this process (engine ``local``)."""
+
+    def __init__(self, ranker: Ranker, resume_dir: Path | None = None, identity: dict | None = None) -> None:
+        super().__init__(resume_dir)
+        self.ranker, self.dtype, self.identity = ranker, dtype_name(ranker), identity or {}
+        self.titles, self.batch_size = ranker.titles, ranker.scorer.batch_size
+
+    def run(self, todo: list[tuple[int, list[RankExample]]],
+            scoring: ScoringConfig) -> Iterator[tuple[int, torch.Tensor]]:
+        for i, chunk in todo:
+            yield i, rerank_chunk(self.ranker, [_plain(ex) for ex in chunk], scoring)
+
+
+class RayScores(ChunkedScores):
     """Letter scores of evaluation examples on a Ray Data actor pool (engine ``ray``); the
-    driver never loads the ranker, every actor loads it from ``rank_dir``."""
+    driver never loads the ranker, every actor loads it from ``rank_dir``. The chunks left to
+    score go to the actors in one call, so they are saved for resuming when it returns."""
 
     def __init__(self, rank_dir: Path, titles: Sequence[str], cfg: RankConfig, *, zero_shot: bool,
-                 dtype: str | None, workers: int) -> None:
+                 dtype: str | None, workers: int, resume_dir: Path | None = None,
+                 identity: dict | None = None) -> None:
         from llamarec.devices import resolve_device
 
+        super().__init__(resume_dir)
         device = str(resolve_device()) if cfg.device == "auto" else cfg.device
         self.rank_dir, self.titles, self.batch_size = rank_dir, titles, cfg.eval_batch_size
         self.options = {"zero_shot": zero_shot, "dtype": dtype, "device": device, "workers": workers}
-        self.dtype: str | None = None  # known once the actors have loaded the ranker
+        self.identity = identity or {}
+        self.dtype = None  # known once the actors have loaded the ranker
 
-    def __call__(self, examples: Sequence[RankExample], scoring: ScoringConfig) -> torch.Tensor:
+    def run(self, todo: list[tuple[int, list[RankExample]]],
+            scoring: ScoringConfig) -> Iterator[tuple[int, torch.Tensor]]:
         from llamarec.score_ray import rerank_ray
 
-        chunks = plan_chunks(examples, self.titles, self.batch_size)
-        scores, self.dtype = rerank_ray(self.rank_dir, [_plain(ex) for ex in examples], chunks, scoring,
+        if not todo:
+            return
+        flat = [ex for _, chunk in todo for ex in chunk]
+        bounds = np.cumsum([0] + [len(chunk) for _, chunk in todo])
+        chunks = [list(range(a, b)) for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+        scores, self.dtype = rerank_ray(self.rank_dir, [_plain(ex) for ex in flat], chunks, scoring,
                                         titles=self.titles, **self.options)
-        return scores
+        for (i, _), positions in zip(todo, chunks):
+            yield i, scores[positions]
 
 
 @contextlib.contextmanager
 def letter_scores(engine: str, rank_dir: Path, titles: Sequence[str], cfg: RankConfig, *, zero_shot: bool,
-                  dtype: str | None, workers: int, address: str | None) -> Iterator[LocalScores | RayScores]:
-    """The engine's scorer; with ray, one cluster (joined or started) for all its calls."""
+                  dtype: str | None, workers: int, address: str | None,
+                  resume_dir: Path | None = None) -> Iterator[LocalScores | RayScores]:
+    """The engine's scorer; with ray, one cluster (joined or started) for all its calls. With
+    ``resume_dir`` the scores of done chunks are kept there (see :class:`PartialScores`)."""
+    identity = {"ranker": _run_fingerprint(rank_dir), "zero_shot": zero_shot, "dtype": dtype}
     if engine == "local":
-        yield LocalScores(load_ranker(rank_dir, titles, zero_shot=zero_shot, dtype=dtype))
+        yield LocalScores(load_ranker(rank_dir, titles, zero_shot=zero_shot, dtype=dtype), resume_dir, identity)
         return
     from llamarec.score_ray import session
 
     with session(workers, address):
-        yield RayScores(rank_dir, titles, cfg, zero_shot=zero_shot, dtype=dtype, workers=workers)
+        yield RayScores(rank_dir, titles, cfg, zero_shot=zero_shot, dtype=dtype, workers=workers,
+                        resume_dir=resume_dir, identity=identity)
+
+
+def _run_fingerprint(rank_dir: Path) -> str:
+    """A hash of the ranker run's manifest (its files' checksums, the adapter's included)."""
+    manifest = Path(rank_dir) / MANIFEST_FILE
+    return hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else ""
 
 
 def letter_prior(scores: Ranker | LocalScores | RayScores, examples: list[RankExample], seed: int) -> list[float]:
@@ -208,8 +303,12 @@ def evaluate_ranker(rank_dir: Path, *, zero_shot: bool = False, order: Order = "
             raise LlamarecError(f"{cfg.retriever}: no {split} user has the target among the candidates")
     all_val = evaluation_examples(ds, load_candidates(cfg.retriever, "val"), "val", max_history=max_history)
     residual = not zero_shot and cfg.residual_weight > 0
+    out = out or rank_dir / (f"eval-{'zero-shot' if zero_shot else 'finetuned'}-{order}"
+                             + ("-calibrated" if calibrate else "") + (f"-{dtype}" if dtype else "")
+                             + (f"-limit{limit}" if limit else ""))
+    out.mkdir(parents=True, exist_ok=True)
     with letter_scores(engine, rank_dir, ds.titles, cfg, zero_shot=zero_shot, dtype=dtype, workers=workers,
-                       address=address) as scores:
+                       address=address, resume_dir=out) as scores:
         scoring = ScoringConfig(
             order=order, permutations=permutations if order == "average" else 1, seed=seed,
             ranker_scale=read_ranker_scale(rank_dir) if residual else 1.0,
@@ -243,13 +342,10 @@ def evaluate_ranker(rank_dir: Path, *, zero_shot: bool = False, order: Order = "
                          "chosen_by": "residual training" if residual else "validation NDCG@10",
                          "val_NDCG@10_by_weight": {str(k): v for k, v in grid.items()}}
     results["scoring"] = scoring.model_dump()
-    out = out or rank_dir / (f"eval-{'zero-shot' if zero_shot else 'finetuned'}-{order}"
-                             + ("-calibrated" if calibrate else "") + (f"-{dtype}" if dtype else "")
-                             + (f"-limit{limit}" if limit else ""))
-    out.mkdir(parents=True, exist_ok=True)
     write_json(out / EVAL_METRICS, results)
     record(out, out / EVAL_METRICS)
     with atomic_path(out / EVAL_RANKS) as tmp:
         pd.DataFrame(rows).to_csv(tmp, index=False)
     record(out, out / EVAL_RANKS)
+    remove_partial_scores(out)
     return results
