@@ -305,3 +305,25 @@ def test_a_ray_data_timeout_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(LlamarecError, match=r"^ray: Timed out after 1800 s waiting for actors$"):
         with score_ray.session(1, None):
             raise ExecutionTimeoutError("Timed out after 1800 s\n  waiting for actors")
+
+
+@pytest.mark.parametrize("device, gpus, workers, want", [
+    ("auto", 0, 2, "cpu"), ("auto", 2, 2, "cuda"), ("cuda:1", 1, 1, "cuda"), ("cpu", 4, 2, "cpu"),
+    ("auto", 1, 2, r"device cuda: the ray cluster has 1 GPU\(s\) for 2 worker\(s\)"),
+    ("cuda", 0, 1, r"device cuda: the ray cluster has 0 GPU\(s\) for 1 worker\(s\)"),
+])
+def test_the_cluster_decides_the_actors_device(monkeypatch: pytest.MonkeyPatch, device, gpus, workers, want) -> None:
+    """Not the driver's device: ``auto`` follows the cluster's GPUs, and asking for more GPUs
+    than it has is a one-line error instead of actors waiting forever."""
+    import sys
+    import types
+
+    from llamarec.score_ray import actor_device
+
+    resources = {"CPU": 8.0, **({"GPU": float(gpus)} if gpus else {})}
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(cluster_resources=lambda: resources))
+    if want in ("cpu", "cuda"):
+        assert actor_device(device, workers) == want
+    else:
+        with pytest.raises(LlamarecError, match=want):
+            actor_device(device, workers)

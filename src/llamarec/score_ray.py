@@ -117,6 +117,25 @@ def session(workers: int, address: str | None) -> Iterator[None]:
             ray.shutdown()
 
 
+def actor_device(device: str, workers: int) -> str:
+    """The device of the actors, decided by the cluster, not the driver: ``auto`` is ``cuda``
+    when the cluster has GPUs and ``cpu`` otherwise (so a driver without a GPU does not send
+    CPU work to a GPU cluster, nor one with a GPU ask a CPU cluster for GPUs). ``cuda`` (any
+    index: each actor gets its own GPU) needs a GPU per worker, else the actors would wait for
+    resources that never come."""
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if device == "auto":
+        device = "cuda" if gpus else "cpu"
+    if device.startswith("cuda"):
+        if gpus < workers:
+            raise LlamarecError(f"device {device}: the ray cluster has {gpus} GPU(s) for {workers} worker(s); "
+                                "use fewer workers, more GPUs or device cpu")
+        return "cuda"
+    return device
+
+
 def _execution_timeout() -> type[Exception] | tuple[()]:
     """Ray Data's timeout error (a plain Exception, not a RayError), where this Ray has one."""
     try:
@@ -145,13 +164,14 @@ def run_ray(run_dir: Path, todo: list[Shard], sink, *, k: int, batch_size: int, 
     rows = [{"shard": s.index, "positions": batch, "user_ids": [s.user_ids[i] for i in batch],
              "histories": json.dumps([s.histories[i] for i in batch], default=str, ensure_ascii=False)}
             for s in todo for batch in s.batches]
-    gpus = 1 if device.startswith("cuda") else 0
-    kwargs = {"run_dir": str(run_dir.resolve()), "device": "cuda" if gpus else device, "k": k,
-              "batch_size": batch_size, "threads": 1}
     by_index = {s.index: s for s in todo}
     pending: dict[int, list[pd.DataFrame]] = {s.index: [] for s in todo}
     seen: dict[int, set] = {s.index: set() for s in todo}
     with session(workers, address):
+        device = actor_device(device, workers)
+        gpus = 1 if device == "cuda" else 0
+        kwargs = {"run_dir": str(run_dir.resolve()), "device": device, "k": k, "batch_size": batch_size,
+                  "threads": 1}
         results = on_actors(rows, BatchScorer, kwargs, workers, gpus)
         for frame in results.iter_batches(batch_size=None, batch_format="pandas"):
             for index, part in frame.groupby("shard", sort=False):
@@ -203,10 +223,11 @@ def rerank_ray(rank_dir: Path, examples: Sequence[tuple[list[int], list[int], li
     import torch
 
     rows = [{"positions": chunk, "examples": json.dumps([examples[i] for i in chunk])} for chunk in chunks]
-    gpus = 1 if device.startswith("cuda") else 0
-    kwargs = {"rank_dir": str(Path(rank_dir).resolve()), "titles": list(titles), "zero_shot": zero_shot,
-              "dtype": dtype, "device": "cuda" if gpus else device, "scoring": scoring.model_dump(), "threads": 1}
     with session(workers, address):
+        device = actor_device(device, workers)
+        gpus = 1 if device == "cuda" else 0
+        kwargs = {"rank_dir": str(Path(rank_dir).resolve()), "titles": list(titles), "zero_shot": zero_shot,
+                  "dtype": dtype, "device": device, "scoring": scoring.model_dump(), "threads": 1}
         frame = pd.concat(list(on_actors(rows, ExampleScorer, kwargs, workers, gpus).iter_batches(
             batch_size=None, batch_format="pandas")), ignore_index=True)
     if sorted(frame["pos"].tolist()) != list(range(len(examples))):

@@ -214,10 +214,8 @@ class RayScores(ChunkedScores):
     def __init__(self, rank_dir: Path, titles: Sequence[str], cfg: RankConfig, *, zero_shot: bool,
                  dtype: str | None, workers: int, resume_dir: Path | None = None,
                  identity: dict | None = None) -> None:
-        from llamarec.devices import resolve_device
-
         super().__init__(resume_dir)
-        device = str(resolve_device()) if cfg.device == "auto" else cfg.device
+        device = cfg.device  # "auto" is decided by the cluster (score_ray.actor_device)
         self.rank_dir, self.titles, self.batch_size = rank_dir, titles, cfg.eval_batch_size
         self.options = {"zero_shot": zero_shot, "dtype": dtype, "device": device, "workers": workers}
         self.identity = identity or {}
