@@ -215,3 +215,26 @@ def test_shuffled_hits_keep_only_found_targets_in_a_random_order():
     assert any(list(ex.candidates) != list(range(31, 51)) for ex in examples)  # shown shuffled
     for ex in examples:
         assert dict(zip(ex.candidates, ex.retriever_scores)) == pytest.approx(dict(zip(range(31, 51), scores[0])))
+
+
+# --------------------------------------------------------------------------- recent prefixes
+
+def test_recent_prefixes_keep_each_users_last_training_prefixes(tiny_retriever_run, tiny_dataset):
+    """With ``recent_prefixes: n`` a user's training examples come from its last n training
+    prefixes (of those the candidates file holds): their targets are the training items just
+    before the validation and test targets."""
+    train = load_train_candidates(tiny_retriever_run)
+    every = hard_negative_examples(tiny_dataset, train, max_history=100, seed=3, order="shuffled")
+    for n in (1, 2):
+        examples = hard_negative_examples(tiny_dataset, train, max_history=100, seed=3, order="shuffled",
+                                          recent_prefixes=n)
+        want = {(ex.user, len(ex.history)) for ex in every
+                if len(ex.history) > len(tiny_dataset.sequences[ex.user]) - 3 - n}
+        assert want and {(ex.user, len(ex.history)) for ex in examples} == want
+        assert len(examples) == len(want) < len(every)
+        assert all(ex.candidates[ex.target] == tiny_dataset.sequences[ex.user][len(ex.history)]
+                   for ex in examples)
+    paper = paper_examples(tiny_dataset, 10**6, max_history=100, seed=0, recent_prefixes=1)
+    assert sorted((ex.user, len(ex.history)) for ex in paper) == \
+        sorted((u, p) for u, p in training_prefixes(tiny_dataset.sequences)
+               if p == len(tiny_dataset.sequences[u]) - 3)

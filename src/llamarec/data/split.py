@@ -23,6 +23,17 @@ def training_prefixes(sequences: list[np.ndarray]) -> np.ndarray:
                     dtype=np.int64).reshape(-1, 2)
 
 
+def among_last_prefixes(sequences: list[np.ndarray], users: np.ndarray, positions: np.ndarray,
+                        n: int | None) -> np.ndarray:
+    """Which ``(user, position)`` training prefixes are among their user's last ``n`` (all when
+    ``n`` is None): their targets are the latest training items, just before the validation and
+    test targets. A user's last training position is ``len(sequence) - 3``."""
+    if n is None:
+        return np.ones(len(users), dtype=bool)
+    lengths = np.array([len(s) for s in sequences], dtype=np.int64)
+    return positions >= lengths[users] - 2 - n
+
+
 def history_and_target(seq: np.ndarray, split: Split) -> tuple[np.ndarray, int]:
     """The history a model sees and the item it must find: validation predicts the
     second-last item from the training part, test the last from everything before it."""

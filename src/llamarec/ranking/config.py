@@ -41,6 +41,9 @@ class RankConfig(BaseModel):
     train_order: Literal["shuffled", "retriever", "shuffled_hits", "mix"] = Field(
         "shuffled", description="candidate order of hard training examples (shuffled_hits: only prefixes whose "
                                 "target the retriever found, shuffled; mix: half shuffled, half retriever)")
+    recent_prefixes: int | None = Field(
+        None, ge=1, description="train only on each user's last N training prefixes (targets next to the "
+                                "validation and test targets in time); default: every prefix")
     residual_weight: float = Field(
         0.0, ge=0.0, description="w > 0: train and rank with letter logits + w x calibrated retriever log-probs")
     val_order: Literal["shuffled", "retriever"] = Field(

@@ -18,7 +18,7 @@ import numpy as np
 
 from llamarec.candidates import Candidates
 from llamarec.data.dataset import Dataset
-from llamarec.data.split import history_and_target, training_prefixes
+from llamarec.data.split import among_last_prefixes, history_and_target, training_prefixes
 from llamarec.errors import LlamarecError
 
 TrainOrder = Literal["retriever", "shuffled", "shuffled_hits", "mix"]
@@ -40,13 +40,15 @@ def _shuffled(items: np.ndarray, target_item: int, rng: np.random.Generator) -> 
 
 
 def paper_examples(ds: Dataset, n_examples: int, *, n_candidates: int = 20, max_history: int = 20,
-                   seed: int = 0) -> list[RankExample]:
-    """Random prefixes; candidates = next item + random items outside the history, shuffled.
-    Prefixes whose history leaves fewer than ``n_candidates - 1`` unseen items are skipped."""
+                   seed: int = 0, recent_prefixes: int | None = None) -> list[RankExample]:
+    """Random prefixes (of each user's last ``recent_prefixes`` if given); candidates = next
+    item + random items outside the history, shuffled. Prefixes whose history leaves fewer than
+    ``n_candidates - 1`` unseen items are skipped."""
     if ds.n_items < n_candidates:
         raise LlamarecError(f"{ds.name}: {ds.n_items} items, fewer than {n_candidates} candidates")
     rng = np.random.default_rng(seed)
     pairs = training_prefixes(ds.sequences)
+    pairs = pairs[among_last_prefixes(ds.sequences, pairs[:, 0], pairs[:, 1], recent_prefixes)]
     pairs = pairs[rng.choice(len(pairs), min(n_examples, len(pairs)), replace=False)]
     examples = []
     for user, pos in pairs:
@@ -68,8 +70,10 @@ def paper_examples(ds: Dataset, n_examples: int, *, n_candidates: int = 20, max_
 
 def hard_negative_examples(ds: Dataset, train: dict[str, np.ndarray], *, max_history: int = 20,
                            seed: int = 0, n_examples: int | None = None,
-                           order: TrainOrder = "shuffled") -> list[RankExample]:
-    """Retriever top-k of training prefixes (from ``load_train_candidates``) with their scores.
+                           order: TrainOrder = "shuffled", recent_prefixes: int | None = None) -> list[RankExample]:
+    """Retriever top-k of training prefixes (from ``load_train_candidates``) with their scores;
+    with ``recent_prefixes``, only each user's last that many
+    prefixes (see :func:`~llamarec.data.split.among_last_prefixes`).
 
     ``shuffled``: every prefix, a missing target put in place of the last candidate (with that
     candidate's score), candidates shuffled. ``retriever``: only prefixes whose target is among
@@ -79,6 +83,7 @@ def hard_negative_examples(ds: Dataset, train: dict[str, np.ndarray], *, max_his
     """
     rng = np.random.default_rng(seed)
     rows = rng.permutation(len(train["users"]))
+    rows = rows[among_last_prefixes(ds.sequences, train["users"], train["positions"], recent_prefixes)[rows]]
     examples = []
     for row in rows:
         user, pos, target = int(train["users"][row]), int(train["positions"][row]), int(train["targets"][row])

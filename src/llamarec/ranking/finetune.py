@@ -151,11 +151,12 @@ class Finetuner:
         if cfg.examples == "paper" and prompt_cfg.shows_retriever:
             raise LlamarecError("a prompt showing the retriever's rank or probability needs examples: hard")
         if cfg.examples == "paper":
-            train = paper_examples(self.ds, cfg.max_examples, max_history=max_history, seed=cfg.seed)
+            train = paper_examples(self.ds, cfg.max_examples, max_history=max_history, seed=cfg.seed,
+                                   recent_prefixes=cfg.recent_prefixes)
         else:
             train = hard_negative_examples(self.ds, load_train_candidates(cfg.retriever),
-                                           max_history=max_history, seed=cfg.seed,
-                                           n_examples=cfg.max_examples, order=cfg.train_order)
+                                           max_history=max_history, seed=cfg.seed, n_examples=cfg.max_examples,
+                                           order=cfg.train_order, recent_prefixes=cfg.recent_prefixes)
         # Each process takes every world-th example; equal shards keep the processes in step.
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         train = train * cfg.epochs
