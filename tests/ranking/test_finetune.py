@@ -2,6 +2,7 @@
 trip, resume and config checks."""
 
 import json
+import math
 import shutil
 from types import SimpleNamespace
 
@@ -14,7 +15,7 @@ from llamarec.candidates import load_candidates
 from llamarec.checkpoint import load_tensors
 from llamarec.errors import LlamarecError
 from llamarec.ranking.examples import evaluation_examples
-from llamarec.ranking.finetune import Finetuner, finetune_ranker, ranking_metrics
+from llamarec.ranking.finetune import Finetuner, finetune_ranker, letter_order_ndcg, random_order_ndcg, ranking_metrics
 from llamarec.ranking.llm import load_llm
 from llamarec.ranking.prompt import LETTERS
 from llamarec.ranking.ranker import Ranker
@@ -88,6 +89,8 @@ def test_tiny_run_writes_adapter_tokenizer_config_and_metrics(tiny_rank_run, tin
 
     metrics = json.loads((tiny_rank_run / "train_metrics.json").read_text())
     assert metrics["steps"] == 2 and metrics["examples"] == 8 and metrics["val_users"] == 4
+    assert metrics["val_order"] == "shuffled" and set(metrics["letter_order_val_NDCG@10"]) == \
+        {"A_first", "p2.5", "p50", "p97.5"}
     assert [h["step"] for h in metrics["history"]] == [0, 1, 2]  # step 0 = zero-shot
     values = [h["NDCG@10"] for h in metrics["history"]]
     assert metrics["best_val_NDCG@10"] == max(values)
@@ -396,3 +399,22 @@ def test_load_ranker_puts_the_full_layers_over_the_base_model(tiny_rank_config, 
     (tmp_path / "rank" / "adapter" / "full_layers.safetensors").write_bytes(b"damaged")
     with pytest.raises(LlamarecError, match="full_layers.safetensors: not a valid safetensors file"):
         load_ranker(tmp_path / "rank", ft.ds.titles, device="cpu", dtype="float32")
+
+
+def test_letter_order_ndcg_is_what_letter_only_rankers_score_on_the_shuffled_users():
+    """The band of a ranker that ignores titles: A first gives each user the gain of the
+    position the shuffle showed the target at; random letter orders centre on the random
+    order's expected NDCG."""
+    from llamarec.ranking.examples import RankExample
+    from llamarec.ranking.ranker import shuffled_order
+
+    examples = [RankExample(u, (1,), tuple(range(100 + 20 * u, 120 + 20 * u)), u % 20) for u in range(300)]
+    band = letter_order_ndcg(examples, seed=5, draws=400)
+    shown = [list(shuffled_order(ex.candidates, 5)).index(ex.target) for ex in examples]
+    want = sum(1 / math.log2(p + 2) for p in shown if p < 10) / len(examples)
+    assert band["A_first"] == pytest.approx(want)
+    assert band["p2.5"] < random_order_ndcg(20) < band["p97.5"]
+    assert band["p50"] == pytest.approx(random_order_ndcg(20), abs=0.01)
+    # the target is the candidate the shuffle shows first (order[j]: the candidate shown at j)
+    first = [RankExample(0, (1,), ex.candidates, int(shuffled_order(ex.candidates, 5)[0])) for ex in examples]
+    assert letter_order_ndcg(first, seed=5, draws=10)["A_first"] == 1.0  # every target shown as A

@@ -48,7 +48,7 @@ from llamarec.metrics import metrics_from_ranks, target_ranks
 from llamarec.ranking.config import RankConfig
 from llamarec.ranking.examples import RankExample, evaluation_examples, hard_negative_examples, paper_examples
 from llamarec.ranking.llm import decoder_layers, load_llm
-from llamarec.ranking.ranker import Ranker, read_ranker_scale
+from llamarec.ranking.ranker import Ranker, read_ranker_scale, shuffled_order
 from llamarec.ranking.scoring import fit_temperature, fuse
 from llamarec.ranking.verbalizer import length_buckets, next_token_logits
 
@@ -78,6 +78,24 @@ def ranking_metrics(scores: torch.Tensor, examples: list[RankExample], ks=(1, 5,
 def random_order_ndcg(n: int, k: int = 10) -> float:
     """Expected NDCG@k of a random order of ``n`` candidates (the target equally likely anywhere)."""
     return sum(1 / math.log2(r + 2) for r in range(min(k, n))) / n
+
+
+def letter_order_ndcg(examples: list[RankExample], seed: int, k: int = 10, draws: int = 1000) -> dict[str, float]:
+    """NDCG@k on ``examples`` shown in their shuffled order (:func:`shuffled_order` with
+    ``seed``, as ``val_order: shuffled`` shows them) of rankers that ignore the titles and rank
+    by letter alone: ``A_first`` (A, B, C, ...: the untuned model's habit) and percentiles
+    over ``draws`` random letter orders. With one fixed shuffle per user these spread widely on
+    a few hundred users; a validation score inside the band shows no content signal."""
+    n = len(examples[0].candidates)
+    shown = np.array([list(shuffled_order(ex.candidates, seed)).index(ex.target) for ex in examples])
+
+    def ndcg(rank_of_letter: np.ndarray) -> float:
+        ranks = rank_of_letter[shown]
+        return float(np.where(ranks < k, 1 / np.log2(ranks + 2), 0.0).mean())
+
+    rng = np.random.default_rng(seed)
+    spread = [ndcg(np.argsort(rng.permutation(n))) for _ in range(draws)]
+    return {"A_first": ndcg(np.arange(n)), **{f"p{q:g}": float(np.percentile(spread, q)) for q in (2.5, 50, 97.5)}}
 
 
 def retriever_log_probs(examples: list[RankExample], temperature: float) -> torch.Tensor:
@@ -373,6 +391,8 @@ class Finetuner:
                    "examples": st.example * self.accelerator.num_processes, "train_seconds": round(st.seconds, 1),
                    "val_users": len(self.val), "val_order": cfg.val_order,
                    "random_order_val_NDCG@10": random_order_ndcg(len(self.val[0].candidates)),
+                   **({"letter_order_val_NDCG@10": letter_order_ndcg(self.val, cfg.seed)}
+                      if cfg.val_order == "shuffled" else {}),
                    "residual_weight": cfg.residual_weight, "ranker_scale": read_ranker_scale(self.out),
                    "retriever_temperatures": self.temperatures, "history": st.history}
         write_json(self.out / RANK_TRAIN_METRICS, metrics)
