@@ -354,3 +354,25 @@ def test_saved_chunks_of_another_evaluation_or_an_unreadable_file_are_not_used(t
     with pytest.warns(UserWarning, match=r"not a valid safetensors file.*scoring its chunks again"):
         assert evaluate_ranker(tiny_rank_run, out=out) == want
     assert len(counted) == n_chunks
+
+
+def test_the_ray_engine_starts_no_actor_when_every_chunk_is_saved(tiny_rank_run, tmp_path, monkeypatch):
+    """A rerun whose chunks are all in the partial file (here: saved by the local engine, whose
+    scores the Ray engine shares) ends without a cluster or an actor: the scores and their
+    dtype come from the file."""
+    import contextlib
+
+    from llamarec import score_ray
+    from llamarec.ranking import evaluate
+
+    out = tmp_path / "eval"
+    monkeypatch.setattr(evaluate, "remove_partial_scores", lambda directory: None)
+    want = evaluate_ranker(tiny_rank_run, out=out)
+    assert list(out.glob(f"{evaluate.PARTIAL_PREFIX}*.safetensors"))
+
+    def no_actor(*args, **kwargs):
+        raise AssertionError("an actor was asked to score")
+
+    monkeypatch.setattr(score_ray, "session", lambda workers, address: contextlib.nullcontext())
+    monkeypatch.setattr(score_ray, "rerank_ray", no_actor)
+    assert evaluate_ranker(tiny_rank_run, out=out, engine="ray", workers=2) == want

@@ -90,8 +90,7 @@ def letter_order_ndcg(examples: list[RankExample], seed: int, k: int = 10, draws
     shown = np.array([list(shuffled_order(ex.candidates, seed)).index(ex.target) for ex in examples])
 
     def ndcg(rank_of_letter: np.ndarray) -> float:
-        ranks = rank_of_letter[shown]
-        return float(np.where(ranks < k, 1 / np.log2(ranks + 2), 0.0).mean())
+        return metrics_from_ranks(torch.from_numpy(rank_of_letter[shown]), (k,))[f"NDCG@{k}"]
 
     rng = np.random.default_rng(seed)
     spread = [ndcg(np.argsort(rng.permutation(n))) for _ in range(draws)]
