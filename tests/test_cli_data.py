@@ -79,6 +79,18 @@ def test_prepare_json(custom_dir: Path, llamarec_cache: Path) -> None:
     assert again.exit_code == 0 and json.loads(again.stdout) == EXPECTED
 
 
+def test_prepare_with_random_ties(custom_dir: Path, llamarec_cache: Path) -> None:
+    """Same statistics (ties only reorder), cached apart from the default order."""
+    args = ["data", "prepare", "-d", "custom", "--data-dir", str(custom_dir), "--min-uc", "3", "--min-sc", "1"]
+    result = runner.invoke(app, [*args, "--ties", "random", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == EXPECTED
+    assert runner.invoke(app, [*args, "--json"]).exit_code == 0
+    assert len(list((llamarec_cache / "processed").iterdir())) == 2
+    bad = runner.invoke(app, [*args, "--ties", "time"])
+    assert bad.exit_code != 0 and "ties='time': use one of item, random" in str(bad.exception)
+
+
 def test_prepare_table(custom_dir: Path) -> None:
     result = runner.invoke(app, ["data", "prepare", "-d", "custom", "--data-dir", str(custom_dir),
                                  "--min-uc", "3", "--min-sc", "1"], terminal_width=200)

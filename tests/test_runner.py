@@ -370,6 +370,16 @@ def test_a_new_option_at_its_default_keeps_the_stage_keys(tiny_config, tmp_path:
     assert [s for s in STAGES if changed[s] != before[s]] == ["ranker", "evaluate", "report"]
 
 
+def test_the_data_stage_key_follows_the_preprocessing_options_when_set(tiny_config, tmp_path: Path) -> None:
+    before = Runner(tiny_config(), tmp_path / "run", progress=False).keys()
+    config = tiny_config()
+    config.retriever = {**config.retriever, "ties": "item"}  # the default, written out
+    assert Runner(config, tmp_path / "run", progress=False).keys() == before
+    config.retriever = {**config.retriever, "ties": "random"}
+    changed = Runner(config, tmp_path / "run", progress=False).keys()
+    assert all(changed[s] != before[s] for s in STAGES)
+
+
 def test_stage_keys_of_an_older_llamarec_are_read_as_current(
         copy_tiny_run, tiny_config, ran: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """Runs recorded when keys hashed the whole config (defaults included) stay up to date."""

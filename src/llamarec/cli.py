@@ -51,18 +51,23 @@ def data_list() -> None:
     console.print(table)
 
 
+TIES_HELP = ("Order of a user's interactions with the same time: item (by item id) or random (a fixed "
+             "pseudo-random order, so the id order cannot leak into the test item).")
+
+
 @data_app.command("prepare")
 def data_prepare(
     dataset: DatasetOpt,
     data_dir: DataDirOpt = None,
     min_uc: Annotated[int, typer.Option(help="Minimum interactions per user (iterative k-core).")] = 5,
     min_sc: Annotated[int, typer.Option(help="Minimum interactions per item (iterative k-core).")] = 5,
+    ties: Annotated[str, typer.Option(help=TIES_HELP)] = "item",
     as_json: JsonOpt = False,
 ) -> None:
     """Prepare a dataset (titles, k-core, chronological order), cache it and print its statistics."""
     from llamarec.data import load_dataset
 
-    ds = load_dataset(dataset, data_dir, min_uc=min_uc, min_sc=min_sc)
+    ds = load_dataset(dataset, data_dir, min_uc=min_uc, min_sc=min_sc, ties=ties)
     print_mapping(f"{dataset}", ds.stats(), as_json)
 
 
@@ -92,6 +97,7 @@ def retrieve_train(
     eval_every: Annotated[int | None, typer.Option(help="Iterations between validations (500).")] = None,
     patience: Annotated[int | None, typer.Option(help="Validations without improvement (20).")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed (42).")] = None,
+    ties: Annotated[str | None, typer.Option(help=TIES_HELP + " (item).")] = None,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
@@ -104,7 +110,7 @@ def retrieve_train(
         dataset=dataset, data_dir=data_dir, model=model, hidden=hidden, n_blocks=n_blocks,
         dropout=dropout, attn_dropout=attn_dropout, mask_prob=mask_prob, max_len=max_len, batch_size=batch_size,
         window_step=window_step, lr=lr, weight_decay=weight_decay, max_epochs=max_epochs,
-        eval_every=eval_every, patience=patience, seed=seed).items() if v is not None}
+        eval_every=eval_every, patience=patience, seed=seed, ties=ties).items() if v is not None}
     values.update(given)
     if "dataset" not in values:
         raise LlamarecError("retrieve train: --dataset is required (or `dataset:` in --config)")

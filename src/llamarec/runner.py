@@ -108,8 +108,10 @@ class Runner:
 
     def _stage_configs(self, omit_defaults: bool = True) -> dict[str, Any]:
         c, opts = self.cfg, {"exclude_defaults": omit_defaults}
+        # The preprocessing options the data stage shares with the retriever's config, when set.
+        prep = c.retrieval_config().model_dump(include={"min_uc", "min_sc", "ties"}, exclude_defaults=True)
         return {
-            "data": {"dataset": c.dataset, "data_dir": str(c.data_dir)},
+            "data": {"dataset": c.dataset, "data_dir": str(c.data_dir), **prep},
             "retriever": json.loads(c.retrieval_config().model_dump_json(**opts)),
             "candidates": c.candidates.model_dump(**opts),
             # Not the retriever's path: it only says where the run directory is, and the stages
@@ -185,7 +187,8 @@ class Runner:
     def _data(self) -> str:
         from llamarec.data import load_dataset
 
-        ds = load_dataset(self.cfg.dataset, self.cfg.data_dir)
+        rc = self.cfg.retrieval_config()
+        ds = load_dataset(rc.dataset, rc.data_dir, min_uc=rc.min_uc, min_sc=rc.min_sc, ties=rc.ties)
         stats = ds.stats()
         write_json(self.out / DATA_STATS, stats)
         record(self.out, self.out / DATA_STATS)

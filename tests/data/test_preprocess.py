@@ -229,6 +229,33 @@ def test_load_rejects_unknown_format_version_and_missing_files(tmp_path: Path) -
 # --------------------------------------------------------------------------- processed cache
 
 
+# Many users who rate four items in the same second, after one earlier rating.
+TIED_ROWS = [(f"u{u}", str(i), 1.0 if i else 0.0) for u in range(30) for i in (0, 1, 2, 3, 4)]
+TIED_TITLES = {str(i): f"Item {i}" for i in range(5)}
+
+
+def test_random_ties_are_a_fixed_order_unrelated_to_the_item_ids() -> None:
+    """``ties: random`` orders same-time ratings by a hash of the raw ids: whatever the rows'
+    order, always the same sequences; not by item id (which would decide the test item); and
+    times still ascend."""
+    raw = raw_data(TIED_ROWS, TIED_TITLES)
+    by_item = preprocess(raw, "n", min_uc=3, min_sc=1)
+    assert seqs(by_item) == [[1, 2, 3, 4, 5]] * 30
+    randomly = preprocess(raw, "n", min_uc=3, min_sc=1, ties="random")
+    assert randomly.params["ties"] == "random" and "ties" not in by_item.params
+    assert all(s[0] == 1 and sorted(s[1:]) == [2, 3, 4, 5] for s in seqs(randomly))  # item "0" came first
+    assert len({s[-1] for s in seqs(randomly)}) == 4  # every tied item is some user's test item
+    for seed in range(3):
+        shuffled = RawData(raw.interactions.sample(frac=1.0, random_state=seed), raw.items, "src")
+        assert_same(preprocess(shuffled, "n", min_uc=3, min_sc=1, ties="random"), randomly)
+        assert_same(preprocess(shuffled, "n", min_uc=3, min_sc=1), by_item)
+
+
+def test_unknown_ties_is_one_error() -> None:
+    with pytest.raises(LlamarecError, match=r"ties='time': use one of item, random"):
+        preprocess(raw_data(ROWS, TITLES), "n", min_uc=3, min_sc=1, ties="time")
+
+
 def write_custom(root: Path, n_users: int = 4, n_items: int = 5) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     rows = ["user_id,item_id,timestamp"]
@@ -263,6 +290,17 @@ def test_cache_is_keyed_by_params_and_reused(tmp_path: Path, llamarec_cache: Pat
     assert_same(again, first)
     with pytest.raises(AssertionError):  # a new parameter set is not in the cache
         load_dataset("custom", root, min_uc=4, min_sc=4)
+
+
+def test_random_ties_have_their_own_cache_entry(tmp_path: Path, llamarec_cache: Path) -> None:
+    """The default (``item``) keeps the key of caches made before the option existed."""
+    root = write_custom(tmp_path / "c")
+    assert processed_dir("custom", root, ties="item") == processed_dir("custom", root)
+    assert processed_dir("custom", root, ties="random")[0] != processed_dir("custom", root)[0]
+    load_dataset("custom", root, min_uc=3, min_sc=3, ties="random")
+    assert Dataset.load(processed_dir("custom", root, min_uc=3, min_sc=3, ties="random")[0]).params["ties"] == "random"
+    with pytest.raises(LlamarecError, match="ties='x'"):
+        load_dataset("custom", root, min_uc=3, min_sc=3, ties="x")
 
 
 def test_cache_key_follows_raw_content(tmp_path: Path) -> None:

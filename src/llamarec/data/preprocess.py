@@ -16,6 +16,13 @@ logger = logging.getLogger(__name__)
 DROP_WARN_SHARE = 0.10
 """A filter that drops more than this share of the interactions it is given logs a warning."""
 
+TIES = ("item", "random")
+"""How one user's interactions with the same time are ordered: ``item``, by item id (the
+order of the raw ids), or ``random``, a fixed pseudo-random order. With ``item`` the id order
+decides which of a user's same-second ratings is the test or the validation item: on ml-100k
+44 % of users rated those two in the same second, so a sequential model can learn the id
+order while a content model cannot see it (README, "Ties")."""
+
 
 def k_core(inter: pd.DataFrame, min_uc: int, min_sc: int) -> pd.DataFrame:
     """Drop items with < ``min_sc`` and users with < ``min_uc`` interactions until stable.
@@ -82,16 +89,19 @@ def _warn_about_drops(report: dict[str, int], source: str, min_uc: int, min_sc: 
             f"{report['dropped_kcore_items']:,}")
 
 
-def preprocess(raw: RawData, name: str, *, min_uc: int = 5, min_sc: int = 5) -> Dataset:
+def preprocess(raw: RawData, name: str, *, min_uc: int = 5, min_sc: int = 5, ties: str = "item") -> Dataset:
     """Turn raw interactions into a :class:`Dataset` with deterministic dense ids.
 
     Users get ids by their sorted raw id, items ``1..n`` by their sorted raw id (as the items
-    file spells it); each user's items are ordered by (time, item) so that ties have one fixed
-    order. What each filter dropped goes into ``params["filters"]`` (and the statistics), and
-    a filter that drops more than :data:`DROP_WARN_SHARE` of its interactions logs a warning.
+    file spells it); each user's items are ordered by time, and interactions with the same
+    time by ``ties`` (see :data:`TIES`). What each filter dropped goes into
+    ``params["filters"]`` (and the statistics), and a filter that drops more than
+    :data:`DROP_WARN_SHARE` of its interactions logs a warning.
     """
     if min_uc < 3:
         raise LlamarecError(f"min_uc={min_uc}: leave-one-out needs at least 3 items per user")
+    if ties not in TIES:
+        raise LlamarecError(f"ties={ties!r}: use one of {', '.join(TIES)}")
     titled = raw.items.drop_duplicates("item").set_index("item")
     shown = titled["raw_id"] if "raw_id" in titled.columns else titled.index.to_series()
     inter = k_core(raw.interactions[raw.interactions["item"].isin(titled.index)], min_uc, min_sc)
@@ -116,7 +126,9 @@ def preprocess(raw: RawData, name: str, *, min_uc: int = 5, min_sc: int = 5) -> 
         "u": inter["user"].map(user_idx).to_numpy(),
         "i": inter["item"].map(item_idx).to_numpy(),
         "t": inter["time"].to_numpy(),
-    }).sort_values(["u", "t", "i"], kind="stable")
+    })
+    frame["tie"] = frame["i"] if ties == "item" else _raw_id_hash(inter)
+    frame = frame.sort_values(["u", "t", "tie"], kind="stable")
     splits = np.cumsum(frame.groupby("u").size().to_numpy())[:-1]
     return Dataset(
         name=name,
@@ -124,5 +136,13 @@ def preprocess(raw: RawData, name: str, *, min_uc: int = 5, min_sc: int = 5) -> 
         titles=["", *titled.loc[keys, "title"].tolist()],
         item_raw_ids=["", *map(str, items)],
         user_raw_ids=[str(u) for u in users],
-        params={"min_uc": min_uc, "min_sc": min_sc, "filters": report},
+        params={"min_uc": min_uc, "min_sc": min_sc, **({"ties": ties} if ties != "item" else {}),
+                "filters": report},
     )
+
+
+def _raw_id_hash(inter: pd.DataFrame) -> np.ndarray:
+    """A fixed pseudo-random key per (user, item) from the raw ids: the same whatever the row
+    order, and unrelated to the item ids."""
+    pairs = (inter["user"].astype(str) + "\x1f" + inter["item"].astype(str)).to_numpy(dtype=object)
+    return pd.util.hash_array(pairs)

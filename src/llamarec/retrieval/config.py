@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -37,6 +38,9 @@ class RetrievalConfig(BaseModel):
     seed: int = 42
     min_uc: int = Field(5, ge=3)
     min_sc: int = Field(5, ge=1)
+    ties: Literal["item", "random"] = Field(
+        "item", description="order of a user's interactions with the same time: by item id, or a fixed "
+                            "pseudo-random order (see llamarec.data.preprocess.TIES)")
 
     @model_validator(mode="after")
     def _paper_defaults(self) -> RetrievalConfig:

@@ -72,7 +72,7 @@ class Trainer:
     def __init__(self, cfg: RetrievalConfig, out: Path, progress: bool = True, device: str = "auto") -> None:
         self.cfg, self.out, self.progress = cfg, out, progress
         self.device = resolve_device(device)
-        self.ds = load_dataset(cfg.dataset, cfg.data_dir, min_uc=cfg.min_uc, min_sc=cfg.min_sc)
+        self.ds = load_dataset(cfg.dataset, cfg.data_dir, min_uc=cfg.min_uc, min_sc=cfg.min_sc, ties=cfg.ties)
         torch.manual_seed(cfg.seed)  # every device's generator
         self.model = build_model(cfg.model, model_config(cfg, self.ds.n_items)).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr,
