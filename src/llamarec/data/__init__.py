@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 from llamarec.data.dataset import FORMAT_VERSION, Dataset
-from llamarec.data.preprocess import TIES, preprocess
+from llamarec.data.preprocess import check_ties, preprocess
 from llamarec.data.registry import DATASETS, get_spec, locate
 from llamarec.errors import LlamarecError
 from llamarec.fetch import cache_dir, sha256_of
@@ -42,8 +42,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, min_uc: int =
     """Load a dataset by name, preparing and caching it on first use (``ties``: see
     :data:`~llamarec.data.preprocess.TIES`)."""
     data_dir = Path(data_dir) if data_dir is not None else None
-    if ties not in TIES:
-        raise LlamarecError(f"ties={ties!r}: use one of {', '.join(TIES)}")
+    check_ties(ties)  # before the raw files are hashed for the cache key
     cached, root = processed_dir(name, data_dir, min_uc=min_uc, min_sc=min_sc, ties=ties)
     if (cached / "meta.json").is_file():
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Literal, get_args
 
 import numpy as np
 import pandas as pd
@@ -16,12 +17,18 @@ logger = logging.getLogger(__name__)
 DROP_WARN_SHARE = 0.10
 """A filter that drops more than this share of the interactions it is given logs a warning."""
 
-TIES = ("item", "random")
+Ties = Literal["item", "random"]
+TIES: tuple[str, ...] = get_args(Ties)
 """How one user's interactions with the same time are ordered: ``item``, by item id (the
 order of the raw ids), or ``random``, a fixed pseudo-random order. With ``item`` the id order
 decides which of a user's same-second ratings is the test or the validation item: on ml-100k
 44 % of users rated those two in the same second, so a sequential model can learn the id
 order while a content model cannot see it (README, "Ties")."""
+
+
+def check_ties(ties: str) -> None:
+    if ties not in TIES:
+        raise LlamarecError(f"ties={ties!r}: use one of {', '.join(TIES)}")
 
 
 def k_core(inter: pd.DataFrame, min_uc: int, min_sc: int) -> pd.DataFrame:
@@ -100,8 +107,7 @@ def preprocess(raw: RawData, name: str, *, min_uc: int = 5, min_sc: int = 5, tie
     """
     if min_uc < 3:
         raise LlamarecError(f"min_uc={min_uc}: leave-one-out needs at least 3 items per user")
-    if ties not in TIES:
-        raise LlamarecError(f"ties={ties!r}: use one of {', '.join(TIES)}")
+    check_ties(ties)
     titled = raw.items.drop_duplicates("item").set_index("item")
     shown = titled["raw_id"] if "raw_id" in titled.columns else titled.index.to_series()
     inter = k_core(raw.interactions[raw.interactions["item"].isin(titled.index)], min_uc, min_sc)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from llamarec.data.preprocess import Ties
 
 AMAZON = {"beauty", "games"}
 
@@ -38,7 +39,7 @@ class RetrievalConfig(BaseModel):
     seed: int = 42
     min_uc: int = Field(5, ge=3)
     min_sc: int = Field(5, ge=1)
-    ties: Literal["item", "random"] = Field(
+    ties: Ties = Field(
         "item", description="order of a user's interactions with the same time: by item id, or a fixed "
                             "pseudo-random order (see llamarec.data.preprocess.TIES)")
 
