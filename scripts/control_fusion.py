@@ -24,6 +24,7 @@ import torch
 
 from llamarec.candidates import Candidates, load_candidates
 from llamarec.data import Dataset, load_run_dataset
+from llamarec.errors import LlamarecError
 from llamarec.metrics import paired_bootstrap, per_user_metric, target_ranks
 from llamarec.ranking.scoring import fit_temperature, fuse, tune_fusion
 
@@ -90,4 +91,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except LlamarecError as exc:  # e.g. not a retriever run, or one without candidates
+        raise SystemExit(f"error: {exc}") from None
