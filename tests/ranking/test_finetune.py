@@ -263,6 +263,72 @@ def test_residual_training_and_ranking_use_the_same_weight(tiny_rank_config, tmp
     assert ranking_metrics(fused, ft.val) == pytest.approx({k: v for k, v in ft._validate().items()})
 
 
+def test_delta_residual_is_the_adapters_change_in_training_and_ranking(tiny_rank_config, tmp_path):
+    """residual_mode delta: the LLM term is the adapted minus the base model's letter logits,
+    with no gate: exactly the retriever before training, and the same quantity in the loss, in
+    validation and in the loaded ranker (also with a prefix cache, which the base model must
+    not share)."""
+    from llamarec.ranking.evaluate import evaluate_ranker
+    from llamarec.ranking.finetune import retriever_log_probs
+    from llamarec.ranking.prefix_cache import PrefixCache
+    from llamarec.ranking.ranker import load_ranker
+    from llamarec.ranking.scoring import fuse
+
+    w = 1.5
+    cfg = tiny_rank_config(loss="letters", residual_weight=w, residual_mode="delta", train_order="retriever",
+                           val_order="retriever")
+    ft = Finetuner(cfg, tmp_path / "rank", progress=False)
+    ft.model.eval()
+    batch = ft.train[:3]
+    labels = torch.tensor([ex.target for ex in batch])
+    ret = w * retriever_log_probs(batch, ft.temperatures["train"])
+    assert ft._batch_loss(batch).item() == pytest.approx(torch.nn.functional.cross_entropy(ret, labels).item(),
+                                                         abs=1e-5)
+    assert ft.ranker.score(batch).abs().max().item() < 1e-5  # an untrained adapter changes nothing
+    with torch.no_grad():
+        for name, p in ft.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5)
+    with ft.model.disable_adapter():
+        base = letter_logits(ft, batch)
+    delta = letter_logits(ft, batch) - base
+    assert delta.abs().max().item() > 0.01
+    expected = torch.nn.functional.cross_entropy(delta + ret, labels)
+    assert ft._batch_loss(batch).item() == pytest.approx(expected.item(), abs=1e-4)
+    assert ft.ranker.score(batch) == pytest.approx(delta, abs=1e-4)
+    val_ret = torch.tensor([ex.retriever_scores for ex in ft.val])
+    ft.state.step = 1
+    fused = fuse(ft.ranker.score(ft.val), val_ret, w, ft.temperatures["val"])
+    assert ranking_metrics(fused, ft.val) == pytest.approx(ft._validate())
+    ft.out.mkdir(parents=True, exist_ok=True)
+    ft._check_config()
+    ft._save_adapter()
+
+    ranker = load_ranker(tmp_path / "rank", ft.ds.titles, device="cpu", dtype="float32")
+    assert ranker.subtract_base and ft.ranker_scale() == 1.0
+    assert ranker.score(ft.val) == pytest.approx(ft.ranker.score(ft.val), abs=1e-4)
+    cached = load_ranker(tmp_path / "rank", ft.ds.titles, device="cpu", dtype="float32",
+                         prefix_cache=PrefixCache(max_bytes=1 << 30))
+    for _ in range(2):  # the second pass finds the prefixes cached
+        assert cached.score(ft.val) == pytest.approx(ranker.score(ft.val), abs=1e-4)
+    assert not load_ranker(tmp_path / "rank", ft.ds.titles, device="cpu", dtype="float32",
+                           zero_shot=True).subtract_base
+    trained = Finetuner(cfg, tmp_path / "trained", progress=False)
+    metrics = trained.run()
+    assert metrics["ranker_scale"] == 1.0
+    assert any(p.abs().max() > 0 for n, p in trained.model.named_parameters() if "lora_B" in n)  # it learned
+    results = evaluate_ranker(tmp_path / "trained", out=tmp_path / "eval")
+    assert results["scoring"]["ranker_scale"] == 1.0 and results["scoring"]["fusion_weight"] == w
+
+
+def test_delta_residual_needs_a_residual_and_lora(tiny_rank_config):
+    with pytest.raises(ValueError, match="residual_mode: delta needs"):
+        tiny_rank_config(loss="letters", residual_mode="delta")
+    with pytest.raises(ValueError, match="residual_mode: delta needs"):
+        tiny_rank_config(loss="letters", residual_weight=1.0, residual_mode="delta", full_layers=1,
+                         target_modules=["q_proj"])
+
+
 def test_the_gate_resumes_with_its_optimizer_state(tiny_rank_config, tmp_path, monkeypatch):
     cfg = tiny_rank_config(loss="letters", residual_weight=1.0, train_order="retriever")
     straight = Finetuner(cfg, tmp_path / "a", progress=False)

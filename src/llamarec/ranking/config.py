@@ -46,6 +46,10 @@ class RankConfig(BaseModel):
                                 "validation and test targets in time); default: every prefix")
     residual_weight: float = Field(
         0.0, ge=0.0, description="w > 0: train and rank with letter logits + w x calibrated retriever log-probs")
+    residual_mode: Literal["gate", "delta"] = Field(
+        "gate", description="how the LLM enters the residual: gate x letter logits (the gate learned from 0), or "
+                            "delta: the adapter's change of the letter logits (adapted minus base model: two "
+                            "forward passes, LoRA only)")
     val_order: Literal["shuffled", "retriever"] = Field(
         "shuffled", description="candidate order of the validation users (use the evaluation order)")
     max_examples: int = Field(1000, ge=1, description="training examples (one epoch over them)")
@@ -69,6 +73,8 @@ class RankConfig(BaseModel):
             raise ValueError("residual_weight needs loss: letters (the residual is a softmax over the letters)")
         if self.full_layers is not None and (self.lora_layers is not None or self.load_in_4bit):
             raise ValueError("full_layers trains whole layers without LoRA: drop lora_layers and load_in_4bit")
+        if self.residual_mode == "delta" and (self.residual_weight <= 0 or self.full_layers is not None):
+            raise ValueError("residual_mode: delta needs residual_weight > 0 and a LoRA adapter (no full_layers)")
         return self
 
     def prompt_config(self) -> PromptConfig:

@@ -163,7 +163,9 @@ class Finetuner:
         # fp32 trained layers over a lower-precision model run under autocast to that dtype.
         self.mixed_dtype = base.dtype if cfg.full_layers and base.dtype != torch.float32 else None
         self.model = make_trainable(base, cfg)
-        self.ranker = Ranker(self.model, self.tokenizer, self.ds.titles, prompt_cfg, cfg.eval_batch_size)
+        self.delta = cfg.residual_mode == "delta"
+        self.ranker = Ranker(self.model, self.tokenizer, self.ds.titles, prompt_cfg, cfg.eval_batch_size,
+                             subtract_base=self.delta)
         max_history = prompt_cfg.max_history
         if cfg.examples == "paper" and prompt_cfg.shows_retriever:
             raise LlamarecError("a prompt showing the retriever's rank or probability needs examples: hard")
@@ -195,9 +197,10 @@ class Finetuner:
         # The residual's gate: the ranker's letter logits enter as gate x logits, the gate
         # starting at 0, so training starts from the retriever alone and opens the gate only as
         # far as the LLM's logits help. It learns GATE_LR_SCALE times faster than the adapter.
+        # A delta residual needs no gate: the adapter's change of the logits starts at 0.
         self.gate = torch.nn.Parameter(torch.zeros((), device=next(self.model.parameters()).device))
         groups = [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
-        if cfg.residual_weight > 0:
+        if cfg.residual_weight > 0 and not self.delta:
             groups.append({"params": [self.gate], "lr_scale": GATE_LR_SCALE})
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
         # ``train_model`` is DDP-wrapped when several processes train; scoring and saving use
@@ -236,10 +239,14 @@ class Finetuner:
         encoded = [self.ranker.builder.training_example(
             [self.ds.titles[i] for i in ex.history], [self.ds.titles[i] for i in ex.candidates], ex.target,
             ex.retriever_scores or None) for ex in examples]
-        pad = self.tokenizer.pad_token_id
+        pad = 0 if self.tokenizer.pad_token_id is None else self.tokenizer.pad_token_id
+        inputs = [e.input_ids[:-1] for e in encoded]
         with self._autocast():
-            logits = next_token_logits(self.train_model, [e.input_ids[:-1] for e in encoded],
-                                       0 if pad is None else pad).float()
+            logits = next_token_logits(self.train_model, inputs, pad).float()
+            if self.delta:
+                with torch.no_grad(), self.model.disable_adapter():
+                    base = next_token_logits(self.model, inputs, pad).float()
+                logits = logits - base
         if self.cfg.loss == "vocab":
             return torch.nn.functional.cross_entropy(logits, torch.tensor([e.labels[-1] for e in encoded],
                                                                           device=self.device))
@@ -247,7 +254,7 @@ class Finetuner:
         letters = logits[:, self.ranker.letter_ids[:n]]
         if self.cfg.residual_weight > 0:
             ret = retriever_log_probs(examples, self.temperatures["train"]).to(letters.device)
-            letters = self.gate * letters + self.cfg.residual_weight * ret
+            letters = self.ranker_gate() * letters + self.cfg.residual_weight * ret
         return torch.nn.functional.cross_entropy(letters, torch.tensor([ex.target for ex in examples],
                                                                        device=self.device))
 
@@ -269,8 +276,10 @@ class Finetuner:
         if self.cfg.residual_weight > 0:
             ret = torch.tensor([ex.retriever_scores for ex in self.val])
             scale = self.ranker_scale()
-            # A closed gate (step 0) serves the retriever's own ranking: no LLM forward needed.
-            llm = self._score_val() if scale else torch.zeros_like(ret)
+            # A closed gate, or an untrained delta (step 0), serves the retriever's own ranking:
+            # no LLM forward needed.
+            untrained = not scale or (self.delta and self.state.step == 0)
+            llm = torch.zeros_like(ret) if untrained else self._score_val()
             scores = fuse(scale * llm, ret, self.cfg.residual_weight, self.temperatures["val"])
         else:
             scores = self._score_val()
@@ -285,9 +294,13 @@ class Finetuner:
             st.bad_evals += 1
         return metrics
 
+    def ranker_gate(self) -> torch.Tensor | float:
+        """The factor on the letter logits in the residual loss: the learned gate, or 1 for a delta."""
+        return 1.0 if self.delta else self.gate
+
     def ranker_scale(self) -> float:
         """What the ranker's letter logits are multiplied by before fusion (the residual's gate)."""
-        return float(self.gate.detach()) if self.cfg.residual_weight > 0 else 1.0
+        return float(self.gate.detach()) if self.cfg.residual_weight > 0 and not self.delta else 1.0
 
     def _save_adapter(self) -> None:
         with atomic_dir(self.out / ADAPTER_DIR) as tmp:

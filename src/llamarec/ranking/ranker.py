@@ -48,13 +48,15 @@ class Ranker:
     several candidate orders per example, ``reuse_prefix`` runs the prompt's shared prefix
     (instruction and history) once per example and reuses its key/value cache for every order.
     ``prefix_cache`` (serving) also keeps that key/value cache for the next request of the same
-    history; off by default, and never while the model trains.
+    history; off by default, and never while the model trains. ``subtract_base`` (a ``delta``
+    residual ranker): the scores are what the LoRA adapter adds to the base model's letter logits.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, titles: Sequence[str],
                  prompt_config: PromptConfig | None = None, batch_size: int = 8, reuse_prefix: bool = True,
-                 prefix_cache: PrefixCache | None = None) -> None:
+                 prefix_cache: PrefixCache | None = None, subtract_base: bool = False) -> None:
         self.model, self.tokenizer, self.titles, self.reuse_prefix = model, tokenizer, titles, reuse_prefix
+        self.subtract_base = subtract_base
         self.builder = PromptBuilder(tokenizer, prompt_config)
         scores = [0.0] * len(LETTERS) if self.builder.config.shows_retriever else None
         sample = self.builder.build(["a"], ["b"] * len(LETTERS), scores)
@@ -115,6 +117,19 @@ class Ranker:
         """
         if not examples:
             return torch.empty(0, len(LETTERS))
+        adapted = self._score(examples, order, permutations, seed, letter_prior)
+        if not self.subtract_base:
+            return adapted
+        # The base model must not reuse key/value states the adapted model cached.
+        cache, self.scorer.prefix_cache = self.scorer.prefix_cache, None
+        try:
+            with self.model.disable_adapter():
+                return adapted - self._score(examples, order, permutations, seed, letter_prior)
+        finally:
+            self.scorer.prefix_cache = cache
+
+    def _score(self, examples: Sequence[RankExample], order: Order, permutations: int, seed: int,
+               letter_prior: Sequence[float] | None) -> torch.Tensor:
         if order == "average":
             n = len(examples[0].candidates)
             return permutation_average(lambda orders: self.shown_scores(examples, orders, letter_prior),
@@ -123,7 +138,7 @@ class Ranker:
             return self.shown_scores(examples, [list(range(len(examples[0].candidates)))], letter_prior)[0]
         perms = [shuffled_order(ex.candidates, seed) for ex in examples]
         shown_examples = [_reordered(ex, p) for ex, p in zip(examples, perms)]
-        shown = self.score(shown_examples, "retriever", letter_prior=letter_prior)
+        shown = self._score(shown_examples, "retriever", 1, seed, letter_prior)
         out = torch.empty_like(shown)
         for row, p in enumerate(perms):
             out[row, torch.from_numpy(p)] = shown[row]
@@ -208,4 +223,4 @@ def load_ranker(rank_dir: Path, titles: Sequence[str], *, zero_shot: bool = Fals
                 reason = " ".join(str(exc).split())[:200]
                 raise LlamarecError(f"{adapter}: cannot load the adapter ({reason})") from None
     return Ranker(model, tokenizer, titles, read_prompt_config(rank_dir, cfg), batch_size or cfg.eval_batch_size,
-                  prefix_cache=prefix_cache)
+                  prefix_cache=prefix_cache, subtract_base=cfg.residual_mode == "delta" and not zero_shot)
