@@ -95,6 +95,10 @@ def test_tiny_run_writes_adapter_tokenizer_config_and_metrics(tiny_rank_run, tin
     values = [h["NDCG@10"] for h in metrics["history"]]
     assert metrics["best_val_NDCG@10"] == max(values)
     assert metrics["best_step"] == metrics["history"][values.index(max(values))]["step"]
+    # mean training loss since the previous validation; no retriever-alone loss without a residual
+    assert [sorted(set(h) & {"train_loss", "train_loss_retriever_alone"}) for h in metrics["history"]] == \
+        [[], ["train_loss"], ["train_loss"]]
+    assert all(0 < h["train_loss"] < 20 for h in metrics["history"][1:])
     state = json.loads((tiny_rank_run / "last" / "state.json").read_text())
     assert state["finished"] and state["step"] == 2
 
@@ -317,6 +321,15 @@ def test_delta_residual_is_the_adapters_change_in_training_and_ranking(tiny_rank
     metrics = trained.run()
     assert metrics["ranker_scale"] == 1.0
     assert any(p.abs().max() > 0 for n, p in trained.model.named_parameters() if "lora_B" in n)  # it learned
+    # The training stream, per validation: the first batch (eval_every 1) against the retriever
+    # alone on it; before the first update the delta is 0, so the two losses are equal.
+    first = trained.train[: cfg.batch_size]
+    alone = torch.nn.functional.cross_entropy(w * retriever_log_probs(first, trained.temperatures["train"]),
+                                              torch.tensor([ex.target for ex in first]))
+    step0, step1 = metrics["history"][:2]
+    assert "train_loss" not in step0
+    assert step1["train_loss_retriever_alone"] == pytest.approx(alone.item(), abs=1e-5)
+    assert step1["train_loss"] == pytest.approx(alone.item(), abs=1e-4)
     results = evaluate_ranker(tmp_path / "trained", out=tmp_path / "eval")
     assert results["scoring"]["ranker_scale"] == 1.0 and results["scoring"]["fusion_weight"] == w
 

@@ -258,6 +258,13 @@ class Finetuner:
         return torch.nn.functional.cross_entropy(letters, torch.tensor([ex.target for ex in examples],
                                                                        device=self.device))
 
+    def _retriever_loss(self, examples: list[RankExample]) -> float:
+        """The residual loss with the LLM's term left out: the retriever alone on ``examples``.
+        Each example is seen once, so below this on the training stream the ranker has learned
+        something that carries to examples it has not seen."""
+        ret = self.cfg.residual_weight * retriever_log_probs(examples, self.temperatures["train"])
+        return torch.nn.functional.cross_entropy(ret, torch.tensor([ex.target for ex in examples])).item()
+
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.mixed_dtype is not None:
             return torch.autocast(self.device.type, dtype=self.mixed_dtype)
@@ -372,6 +379,7 @@ class Finetuner:
         started = time.perf_counter() - st.seconds
         self.model.train()
         per_step = cfg.batch_size * cfg.grad_accum
+        stream: dict[str, list[float]] = {"train_loss": [], "train_loss_retriever_alone": []}
         while not st.finished and st.step < self.total_steps:
             for group in self.optimizer.param_groups:
                 group["lr"] = self._lr(st.step) * group.get("lr_scale", 1.0)
@@ -383,6 +391,9 @@ class Finetuner:
                 loss = self._batch_loss(chunk) * len(chunk) / per_step
                 self.accelerator.backward(loss)
                 losses.append(loss.item() * per_step / len(chunk))
+                stream["train_loss"].append(losses[-1])
+                if cfg.residual_weight > 0:
+                    stream["train_loss_retriever_alone"].append(self._retriever_loss(chunk))
                 st.example += len(chunk)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -391,6 +402,8 @@ class Finetuner:
             bar.set_postfix_str(f"loss {np.mean(losses):.3f} best val NDCG@10 {st.best:.4f}")
             if st.step % cfg.eval_every == 0 or st.step == self.total_steps:
                 self._validate()
+                st.history[-1].update({k: float(np.mean(v)) for k, v in stream.items() if v})
+                stream = {k: [] for k in stream}
                 st.finished = st.bad_evals >= cfg.patience or st.step == self.total_steps
                 st.seconds = time.perf_counter() - started
                 self._save_last()
