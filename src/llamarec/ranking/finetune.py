@@ -253,17 +253,22 @@ class Finetuner:
         n = len(examples[0].candidates)
         letters = logits[:, self.ranker.letter_ids[:n]]
         if self.cfg.residual_weight > 0:
-            ret = retriever_log_probs(examples, self.temperatures["train"]).to(letters.device)
-            letters = self.ranker_gate() * letters + self.cfg.residual_weight * ret
-        return torch.nn.functional.cross_entropy(letters, torch.tensor([ex.target for ex in examples],
-                                                                       device=self.device))
+            letters = self.ranker_gate() * letters + self._retriever_term(examples).to(letters.device)
+        return torch.nn.functional.cross_entropy(letters, self._targets(examples).to(letters.device))
+
+    def _retriever_term(self, examples: list[RankExample]) -> torch.Tensor:
+        """``residual_weight`` x the retriever's log-probabilities (training prefixes' temperature)."""
+        return self.cfg.residual_weight * retriever_log_probs(examples, self.temperatures["train"])
+
+    @staticmethod
+    def _targets(examples: list[RankExample]) -> torch.Tensor:
+        return torch.tensor([ex.target for ex in examples])
 
     def _retriever_loss(self, examples: list[RankExample]) -> float:
         """The residual loss with the LLM's term left out: the retriever alone on ``examples``.
         Each example is seen once, so below this on the training stream the ranker has learned
         something that carries to examples it has not seen."""
-        ret = self.cfg.residual_weight * retriever_log_probs(examples, self.temperatures["train"])
-        return torch.nn.functional.cross_entropy(ret, torch.tensor([ex.target for ex in examples])).item()
+        return torch.nn.functional.cross_entropy(self._retriever_term(examples), self._targets(examples)).item()
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.mixed_dtype is not None:
@@ -307,7 +312,7 @@ class Finetuner:
 
     def ranker_scale(self) -> float:
         """What the ranker's letter logits are multiplied by before fusion (the residual's gate)."""
-        return float(self.gate.detach()) if self.cfg.residual_weight > 0 and not self.delta else 1.0
+        return 1.0 if self.cfg.residual_weight <= 0 or self.delta else float(self.gate.detach())
 
     def _save_adapter(self) -> None:
         with atomic_dir(self.out / ADAPTER_DIR) as tmp:
