@@ -177,6 +177,30 @@ def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(tiny_rank_run,
             torch.testing.assert_close(got[key], ref[key], atol=1e-6, rtol=1e-6)
 
 
+def test_a_timed_checkpoint_between_validations_resumes_exactly(tiny_rank_config, tmp_path, monkeypatch):
+    # Validation only at the end (step 2); checkpoint_seconds=0 saves after every step, so an
+    # interruption in step 2 loses nothing: the run resumes at step 1 with its batch loss kept.
+    cfg = tiny_rank_config(eval_every=2, residual_weight=1.0, loss="letters", examples="hard")
+    straight = finetune_ranker(cfg, tmp_path / "straight", progress=False)
+    calls = interrupt_after_one_batch(monkeypatch)
+    with pytest.raises(Interrupted):
+        finetune_ranker(cfg, tmp_path / "rank", progress=False, checkpoint_seconds=0)
+    state = json.loads((tmp_path / "rank" / "last" / "state.json").read_text())
+    assert (state["step"], state["finished"], [h["step"] for h in state["history"]]) == (1, False, [0])
+    assert [len(v) for v in state["stream"].values()] == [1, 1]
+
+    calls.update(n=0, limit=100)
+    resumed = finetune_ranker(cfg, tmp_path / "rank", progress=False, checkpoint_seconds=0)
+    assert calls["n"] == 1  # only the second step was trained again
+    assert len(resumed["history"]) == 2 and "train_loss" in resumed["history"][1]
+    for got, ref in zip(resumed["history"], straight["history"]):
+        assert got == pytest.approx(ref)  # train_loss: the mean of both batches, one before the interruption
+    got = load_tensors(tmp_path / "rank" / "last" / "weights.safetensors")[0]
+    ref = load_tensors(tmp_path / "straight" / "last" / "weights.safetensors")[0]
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key], atol=1e-6, rtol=1e-6)
+
+
 def test_a_different_config_in_the_same_directory_is_refused(tiny_rank_run, tiny_rank_config, tmp_path):
     out = tmp_path / "rank"
     out.mkdir()

@@ -5,7 +5,8 @@ The LM head runs on the last prompt position only (where the answer letter is pr
 step costs one forward/backward through the transformer and no full-vocabulary logits at every
 position. The best adapter by validation NDCG@10 is kept in peft's format (safetensors; with
 ``full_layers`` the trained layers' weights in one safetensors file), with the tokenizer and a
-JSON config; an interrupted run resumes from its last checkpoint.
+JSON config; an interrupted run resumes from its last checkpoint, written at each validation
+and every ``checkpoint_seconds`` of training in between.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from llamarec.ranking.verbalizer import length_buckets, next_token_logits
 GATE_KEY = "residual_gate"
 GATE_LR_SCALE = 10.0
 BUCKET_WINDOW = 16  # batches sorted by prompt length together with length_buckets
+CHECKPOINT_SECONDS = 600.0  # an interrupted run loses at most this much training (plus a step)
 
 
 @dataclass
@@ -67,6 +69,7 @@ class FinetuneState:
     seconds: float = 0.0
     history: list[dict] = field(default_factory=list)
     finished: bool = False
+    stream: dict[str, list[float]] = field(default_factory=dict)  # batch losses since the last validation
 
 
 def ranking_metrics(scores: torch.Tensor, examples: list[RankExample], ks=(1, 5, 10)) -> dict[str, float]:
@@ -147,8 +150,10 @@ def make_trainable(model: torch.nn.Module, cfg: RankConfig) -> torch.nn.Module:
 
 
 class Finetuner:
-    def __init__(self, cfg: RankConfig, out: Path, progress: bool = True) -> None:
+    def __init__(self, cfg: RankConfig, out: Path, progress: bool = True,
+                 checkpoint_seconds: float = CHECKPOINT_SECONDS) -> None:
         self.cfg, self.out, self.progress = cfg, out, progress
+        self.checkpoint_seconds = checkpoint_seconds
         self.ds = load_run_dataset(cfg.retriever)
         self.prompt_cfg = prompt_cfg = cfg.prompt_config()
         torch.manual_seed(cfg.seed)
@@ -382,9 +387,12 @@ class Finetuner:
         bar = tqdm(total=self.total_steps, initial=st.step, disable=not show, dynamic_ncols=True,
                    desc="LoRA" + (" (resumed)" if resumed else ""))
         started = time.perf_counter() - st.seconds
+        saved_at = time.perf_counter()
         self.model.train()
         per_step = cfg.batch_size * cfg.grad_accum
-        stream: dict[str, list[float]] = {"train_loss": [], "train_loss_retriever_alone": []}
+        stream = st.stream
+        for key in ("train_loss", *(("train_loss_retriever_alone",) if cfg.residual_weight > 0 else ())):
+            stream.setdefault(key, [])
         while not st.finished and st.step < self.total_steps:
             for group in self.optimizer.param_groups:
                 group["lr"] = self._lr(st.step) * group.get("lr_scale", 1.0)
@@ -405,13 +413,17 @@ class Finetuner:
             st.step += 1
             bar.update(1)
             bar.set_postfix_str(f"loss {np.mean(losses):.3f} best val NDCG@10 {st.best:.4f}")
-            if st.step % cfg.eval_every == 0 or st.step == self.total_steps:
+            validate = st.step % cfg.eval_every == 0 or st.step == self.total_steps
+            if validate:
                 self._validate()
                 st.history[-1].update({k: float(np.mean(v)) for k, v in stream.items() if v})
-                stream = {k: [] for k in stream}
+                for losses_since in stream.values():
+                    losses_since.clear()
                 st.finished = st.bad_evals >= cfg.patience or st.step == self.total_steps
+            if validate or time.perf_counter() - saved_at >= self.checkpoint_seconds:
                 st.seconds = time.perf_counter() - started
                 self._save_last()
+                saved_at = time.perf_counter()
                 self.model.train()
         bar.close()
         st.finished = True
@@ -430,6 +442,7 @@ class Finetuner:
         return metrics
 
 
-def finetune_ranker(cfg: RankConfig, out: Path, progress: bool = True) -> dict:
+def finetune_ranker(cfg: RankConfig, out: Path, progress: bool = True,
+                    checkpoint_seconds: float = CHECKPOINT_SECONDS) -> dict:
     """Fine-tune (or resume) the ranker in ``out``; returns the training metrics."""
-    return Finetuner(cfg, out, progress).run()
+    return Finetuner(cfg, out, progress, checkpoint_seconds).run()
