@@ -8,9 +8,15 @@ retriever's overall NDCG@10 on each split:
 
 - ``popularity``: ``+/- log(1 + ratings in the training data)`` of each candidate;
 - ``knn``: item-to-item cosine similarity (co-occurrence in the training sequences) of each
-  candidate with the user's last 1 / 20 items.
+  candidate with the user's last 1 / 20 items;
+- with ``--llm [MODEL]``: what the LLM's own picture of the titles holds, with no training:
+  cosine similarity of each candidate title's mean last-layer hidden state to the mean of the
+  user's last 1 / 5 / 20 titles' (MODEL: a hub id or local dir; SmolLM2-135M-Instruct if none).
 
-    python scripts/control_fusion.py runs/cpuq/retriever
+Each signal is also scored alone (``alone_NDCG@10``; a random order of the candidates scores
+about 0.227 on the users whose target is a candidate, times their share of all users).
+
+    python scripts/control_fusion.py runs/cpuq/retriever [--llm]
 """
 
 from __future__ import annotations
@@ -48,6 +54,32 @@ def knn_scores(ds: Dataset, sim: np.ndarray, cands: Candidates, split: str, last
     return out
 
 
+def title_embeddings(titles: list[str], model_id: str | None, batch: int = 32) -> np.ndarray:
+    """Unit-length, mean-centred mean last-layer hidden states of each title (row 0: padding)."""
+    from llamarec.ranking.llm import load_llm
+
+    model, tokenizer = load_llm(model_id, dtype="float32", device="cpu")
+    out = np.zeros((len(titles), model.config.hidden_size), dtype=np.float32)
+    with torch.no_grad():
+        for start in range(1, len(titles), batch):
+            enc = tokenizer(titles[start:start + batch], return_tensors="pt", padding=True)
+            hidden = model(**enc, output_hidden_states=True).hidden_states[-1]
+            mask = enc["attention_mask"].unsqueeze(-1).float()
+            out[start:start + len(enc["input_ids"])] = ((hidden * mask).sum(1) / mask.sum(1)).numpy()
+    out[1:] -= out[1:].mean(0)
+    out[1:] /= np.maximum(np.linalg.norm(out[1:], axis=1, keepdims=True), 1e-9)
+    return out
+
+
+def profile_scores(ds: Dataset, emb: np.ndarray, cands: Candidates, split: str, last: int) -> np.ndarray:
+    """Cosine of each candidate's embedding with the mean of the user's ``last`` items'."""
+    out = np.zeros(cands.items.shape, dtype=np.float32)
+    for u, seq in enumerate(ds.sequences):
+        history = seq[:-2] if split == "val" else seq[:-1]
+        out[u] = emb[cands.items[u]] @ emb[history[-last:]].mean(0)
+    return out
+
+
 def compare(features: dict[str, torch.Tensor], retriever: dict, labels: dict, valid: dict,
             temperature: float) -> dict:
     v = valid["val"]
@@ -57,8 +89,9 @@ def compare(features: dict[str, torch.Tensor], retriever: dict, labels: dict, va
         fused = fuse(features[s], retriever[s], weight, temperature)
         # A user whose target is not a candidate scores 0 either way (rank >= 20).
         ndcg = {name: torch.where(valid[s], per_user_metric(target_ranks(x, labels[s]), "NDCG@10"), 0.0)
-                for name, x in (("fused", fused), ("retriever", retriever[s]))}
+                for name, x in (("fused", fused), ("retriever", retriever[s]), ("alone", features[s]))}
         out[s] = {"retriever_NDCG@10": ndcg["retriever"].mean().item(), "fused_NDCG@10": ndcg["fused"].mean().item(),
+                  "alone_NDCG@10": ndcg["alone"].mean().item(),
                   "fused_vs_retriever": paired_bootstrap(ndcg["fused"], ndcg["retriever"])}
     return out
 
@@ -66,6 +99,8 @@ def compare(features: dict[str, torch.Tensor], retriever: dict, labels: dict, va
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("retriever", type=Path, help="a retriever run directory with candidates")
+    parser.add_argument("--llm", nargs="?", const="", default=None, metavar="MODEL",
+                        help="also the LLM's title similarity (default model: SmolLM2-135M-Instruct)")
     args = parser.parse_args()
     ds = load_run_dataset(args.retriever)
     cands = {s: load_candidates(args.retriever, s) for s in SPLITS}
@@ -85,6 +120,10 @@ def main() -> None:
         **{f"knn last {n}": {s: 10 * torch.from_numpy(knn_scores(ds, sim, c, s, n)) for s, c in cands.items()}
            for n in (1, 20)},
     }
+    if args.llm is not None:
+        emb = title_embeddings(ds.titles, args.llm or None)
+        signals.update({f"llm titles last {n}": {s: 10 * torch.from_numpy(profile_scores(ds, emb, c, s, n))
+                                                 for s, c in cands.items()} for n in (1, 5, 20)})
     results = {"temperature": temperature,
                **{name: compare(f, retriever, labels, valid, temperature) for name, f in signals.items()}}
     print(json.dumps(results, indent=2))

@@ -1,0 +1,58 @@
+"""scripts/control_fusion.py: the non-LLM controls and the LLM title-similarity probe."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from llamarec.candidates import Candidates, load_candidates
+from llamarec.data import load_run_dataset
+
+SCRIPT = Path(__file__).parents[2] / "scripts" / "control_fusion.py"
+spec = importlib.util.spec_from_file_location("control_fusion", SCRIPT)
+control = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(control)
+
+
+def test_profile_scores_follow_the_users_latest_items(tiny_retriever_run):
+    ds = load_run_dataset(tiny_retriever_run)
+    cands = load_candidates(tiny_retriever_run, "test")
+    emb = np.zeros((ds.n_items + 1, ds.n_items + 1), dtype=np.float32)
+    emb[1:, 1:] = np.eye(ds.n_items)  # each item orthogonal to every other
+    u = 0
+    last = ds.sequences[u][-2]  # the latest history item before the test target
+    items = cands.items.copy()
+    items[u, 3] = last
+    planted = Candidates(items=items, scores=cands.scores, targets=cands.targets, ranks=cands.ranks)
+    scores = control.profile_scores(ds, emb, planted, "test", last=1)
+    assert scores[u, 3] == 1.0 and np.count_nonzero(scores[u]) == (items[u] == last).sum()
+
+
+def test_title_embeddings_are_unit_rows_over_a_zero_padding_row(tiny_llm_dir):
+    emb = control.title_embeddings(["", "Alien", "Aliens", "Heat"], str(tiny_llm_dir), batch=2)
+    assert emb.shape[0] == 4 and not emb[0].any()
+    np.testing.assert_allclose(np.linalg.norm(emb[1:], axis=1), 1.0, rtol=1e-5)
+
+
+def test_the_script_reports_every_signal_with_its_interval(tiny_retriever_run, tiny_llm_dir):
+    out = subprocess.run([sys.executable, str(SCRIPT), str(tiny_retriever_run), "--llm", str(tiny_llm_dir)],
+                         capture_output=True, text=True, timeout=300, check=True)
+    report = json.loads(out.stdout)
+    names = [k for k in report if k != "temperature"]
+    assert names == ["popular first", "unpopular first", "knn last 1", "knn last 20",
+                     "llm titles last 1", "llm titles last 5", "llm titles last 20"]
+    for name in names:
+        for split in ("val", "test"):
+            r = report[name][split]
+            assert 0 <= r["alone_NDCG@10"] <= 1
+            diff = r["fused_vs_retriever"]
+            assert diff["ci_low"] <= diff["diff"] <= diff["ci_high"]
+            assert abs(r["fused_NDCG@10"] - r["retriever_NDCG@10"] - diff["diff"]) < 1e-6
+
+
+def test_a_run_without_candidates_is_one_error_line(tmp_path):
+    out = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and out.stderr.startswith("error: ") and out.stderr.count("\n") == 1
