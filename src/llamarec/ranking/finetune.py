@@ -420,11 +420,11 @@ class Finetuner:
                 for losses_since in stream.values():
                     losses_since.clear()
                 st.finished = st.bad_evals >= cfg.patience or st.step == self.total_steps
+                self.model.train()
             if validate or time.perf_counter() - saved_at >= self.checkpoint_seconds:
                 st.seconds = time.perf_counter() - started
                 self._save_last()
                 saved_at = time.perf_counter()
-                self.model.train()
         bar.close()
         st.finished = True
         st.seconds = time.perf_counter() - started
