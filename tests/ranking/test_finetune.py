@@ -4,6 +4,7 @@ trip, resume and config checks."""
 import json
 import math
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -18,7 +19,7 @@ from llamarec.ranking.examples import evaluation_examples
 from llamarec.ranking.finetune import Finetuner, finetune_ranker, letter_order_ndcg, random_order_ndcg, ranking_metrics
 from llamarec.ranking.llm import load_llm
 from llamarec.ranking.prompt import LETTERS
-from llamarec.ranking.ranker import Ranker
+from llamarec.ranking.ranker import Ranker, read_rank_config
 from llamarec.retrieval.train import load_retriever
 
 
@@ -76,7 +77,9 @@ def test_learning_rate_schedule():
 
 def test_tiny_run_writes_adapter_tokenizer_config_and_metrics(tiny_rank_run, tiny_rank_config):
     cfg = tiny_rank_config()
-    assert json.loads((tiny_rank_run / "rank_config.json").read_text()) == json.loads(cfg.model_dump_json())
+    saved = json.loads((tiny_rank_run / "rank_config.json").read_text())
+    assert saved == {**json.loads(cfg.model_dump_json()), "retriever": saved["retriever"]}
+    assert (tiny_rank_run / saved["retriever"]).resolve() == cfg.retriever.resolve()
     adapter = tiny_rank_run / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file()
     assert not list(adapter.glob("*.bin"))
@@ -521,3 +524,31 @@ def test_letter_order_ndcg_is_what_letter_only_rankers_score_on_the_shuffled_use
     # the target is the candidate the shuffle shows first (order[j]: the candidate shown at j)
     first = [RankExample(0, (1,), ex.candidates, int(shuffled_order(ex.candidates, 5)[0])) for ex in examples]
     assert letter_order_ndcg(first, seed=5, draws=10)["A_first"] == 1.0  # every target shown as A
+
+
+def test_a_run_names_its_retriever_relative_to_itself_and_can_be_moved(tiny_retriever_run, tiny_rank_config,
+                                                                       tmp_path, monkeypatch):
+    shutil.copytree(tiny_retriever_run, tmp_path / "a" / "run" / "retriever")
+    monkeypatch.chdir(tmp_path / "a")
+    finetune_ranker(tiny_rank_config(retriever=Path("run/retriever")), Path("run/ranker"), progress=False)
+    assert json.loads(Path("run/ranker/rank_config.json").read_text())["retriever"] == "../retriever"
+
+    moved = Path(shutil.move(tmp_path / "a" / "run", tmp_path / "b" / "run"))
+    monkeypatch.chdir(tmp_path)
+    assert read_rank_config(Path("b/run/ranker")).retriever.resolve() == (moved / "retriever").resolve()
+    # resuming it from another working directory, under another name, is the same run
+    finetune_ranker(tiny_rank_config(retriever=moved / "retriever"), Path("b/run/ranker"), progress=False)
+    other = Path(shutil.copytree(moved / "retriever", tmp_path / "other"))
+    with pytest.raises(LlamarecError, match=r"different config \(retriever\)"):
+        finetune_ranker(tiny_rank_config(retriever=other), Path("b/run/ranker"), progress=False)
+
+
+def test_a_config_naming_its_retriever_from_the_working_directory_still_reads(tiny_rank_run, tmp_path,
+                                                                             monkeypatch):
+    # How runs were saved before: the path as given on the command line.
+    rank = Path(shutil.copytree(tiny_rank_run, tmp_path / "run" / "ranker"))
+    shutil.copytree(read_rank_config(tiny_rank_run).retriever, tmp_path / "run" / "retriever")
+    config = json.loads((rank / "rank_config.json").read_text())
+    (rank / "rank_config.json").write_text(json.dumps({**config, "retriever": "run/retriever"}))
+    monkeypatch.chdir(tmp_path)
+    assert read_rank_config(Path("run/ranker")).retriever == Path("run/retriever")

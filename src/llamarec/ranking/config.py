@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -85,6 +86,20 @@ class RankConfig(BaseModel):
     def lora_targets(self) -> list[str] | str:
         """``target_modules`` as peft takes it (``["all-linear"]`` becomes peft's keyword)."""
         return "all-linear" if self.target_modules == ["all-linear"] else self.target_modules
+
+
+def saved_retriever_path(rank_dir: Path, retriever: Path) -> str:
+    """How a ranker run's config names its retriever: relative to the ranker directory, so that
+    a run directory holding both can be moved or used from any working directory."""
+    return os.path.relpath(retriever.resolve(), rank_dir.resolve())
+
+
+def stored_retriever(rank_dir: Path, saved: Path) -> Path:
+    """The retriever named in a ranker run's saved config. Configs written before names became
+    relative to the ranker directory named it relative to the working directory: that is tried
+    when the first does not exist."""
+    inside = rank_dir / saved
+    return saved if not saved.is_absolute() and not inside.exists() and saved.exists() else inside
 
 
 def verify_ranker_run(rank_dir: Path, adapter: bool = True) -> None:

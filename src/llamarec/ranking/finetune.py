@@ -46,7 +46,7 @@ from llamarec.layout import (
 )
 from llamarec.manifest import record
 from llamarec.metrics import metrics_from_ranks, target_ranks
-from llamarec.ranking.config import RankConfig
+from llamarec.ranking.config import RankConfig, saved_retriever_path, stored_retriever
 from llamarec.ranking.examples import RankExample, evaluation_examples, hard_negative_examples, paper_examples
 from llamarec.ranking.llm import decoder_layers, load_llm
 from llamarec.ranking.ranker import Ranker, read_ranker_scale, shuffled_order
@@ -369,8 +369,13 @@ class Finetuner:
     def _check_config(self) -> None:
         path = self.out / RANK_CONFIG
         saved = read_json_file(path) if path.is_file() else None
-        current = check_same_config(self.out, saved, self.cfg, "ranker run")
-        write_json(path, current)
+        # The retriever compared as a place, however it is named (relative to the ranker
+        # directory when saved, to the working directory when given).
+        if saved is not None and isinstance(saved.get("retriever"), str):
+            saved = {**saved, "retriever": str(stored_retriever(self.out, Path(saved["retriever"])).resolve())}
+        here = self.cfg.model_copy(update={"retriever": self.cfg.retriever.resolve()})
+        current = check_same_config(self.out, saved, here, "ranker run")
+        write_json(path, {**current, "retriever": saved_retriever_path(self.out, self.cfg.retriever)})
         record(self.out, path)
         write_json(self.out / PROMPT_FILE, self.prompt_cfg.model_dump())
         record(self.out, self.out / PROMPT_FILE)
