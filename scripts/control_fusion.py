@@ -10,11 +10,14 @@ retriever's overall NDCG@10 on each split:
 - ``knn``: item-to-item cosine similarity (co-occurrence in the training sequences) of each
   candidate with the user's last 1 / 20 items;
 - with ``--llm [MODEL]``: what the LLM's own picture of the titles holds, with no training:
-  cosine similarity of each candidate title's mean last-layer hidden state to the mean of the
-  user's last 1 / 5 / 20 titles' (MODEL: a hub id or local dir; SmolLM2-135M-Instruct if none).
+  each title's mean last-layer hidden state (centred, unit length), and a candidate's score
+  its dot product with the mean of the user's last 1 / 5 / 20 titles' (the cosine for the last
+  one; MODEL: a hub id or local dir; SmolLM2-135M-Instruct if none).
 
 Each signal is also scored alone (``alone_NDCG@10``; a random order of the candidates scores
-about 0.227 on the users whose target is a candidate, times their share of all users).
+about 0.227 on the users whose target is a candidate, times their share of all users). Ties
+count against the target, as in every llamarec metric, so a signal with many equal scores
+(co-occurrence with one item is often 0) scores lower alone than with ties broken at random.
 
     python scripts/control_fusion.py runs/cpuq/retriever [--llm]
 """
@@ -65,14 +68,15 @@ def title_embeddings(titles: list[str], model_id: str | None, batch: int = 32) -
             enc = tokenizer(titles[start:start + batch], return_tensors="pt", padding=True)
             hidden = model(**enc, output_hidden_states=True).hidden_states[-1]
             mask = enc["attention_mask"].unsqueeze(-1).float()
-            out[start:start + len(enc["input_ids"])] = ((hidden * mask).sum(1) / mask.sum(1)).numpy()
+            mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            out[start:start + len(enc["input_ids"])] = mean.numpy()
     out[1:] -= out[1:].mean(0)
     out[1:] /= np.maximum(np.linalg.norm(out[1:], axis=1, keepdims=True), 1e-9)
     return out
 
 
 def profile_scores(ds: Dataset, emb: np.ndarray, cands: Candidates, split: str, last: int) -> np.ndarray:
-    """Cosine of each candidate's embedding with the mean of the user's ``last`` items'."""
+    """Dot product of each candidate's embedding with the mean of the user's ``last`` items'."""
     out = np.zeros(cands.items.shape, dtype=np.float32)
     for u, seq in enumerate(ds.sequences):
         history = seq[:-2] if split == "val" else seq[:-1]

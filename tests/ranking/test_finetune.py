@@ -15,6 +15,7 @@ from transformers import AutoTokenizer
 from llamarec.candidates import load_candidates
 from llamarec.checkpoint import load_tensors
 from llamarec.errors import LlamarecError
+from llamarec.ranking.config import retriever_for_config
 from llamarec.ranking.examples import evaluation_examples
 from llamarec.ranking.finetune import Finetuner, finetune_ranker, letter_order_ndcg, random_order_ndcg, ranking_metrics
 from llamarec.ranking.llm import load_llm
@@ -79,7 +80,7 @@ def test_tiny_run_writes_adapter_tokenizer_config_and_metrics(tiny_rank_run, tin
     cfg = tiny_rank_config()
     saved = json.loads((tiny_rank_run / "rank_config.json").read_text())
     assert saved == {**json.loads(cfg.model_dump_json()), "retriever": saved["retriever"]}
-    assert (tiny_rank_run / saved["retriever"]).resolve() == cfg.retriever.resolve()
+    assert saved["retriever"] == str(cfg.retriever.resolve())  # outside the run: by its absolute path
     adapter = tiny_rank_run / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file()
     assert not list(adapter.glob("*.bin"))
@@ -202,6 +203,30 @@ def test_a_timed_checkpoint_between_validations_resumes_exactly(tiny_rank_config
     ref = load_tensors(tmp_path / "straight" / "last" / "weights.safetensors")[0]
     for key in ref:
         torch.testing.assert_close(got[key], ref[key], atol=1e-6, rtol=1e-6)
+
+
+def test_without_a_timed_checkpoint_an_interruption_goes_back_to_the_last_validation(tiny_rank_config, tmp_path,
+                                                                                    monkeypatch):
+    cfg = tiny_rank_config(eval_every=2)
+    interrupt_after_one_batch(monkeypatch)
+    with pytest.raises(Interrupted):
+        finetune_ranker(cfg, tmp_path / "rank", progress=False, checkpoint_seconds=float("inf"))
+    assert json.loads((tmp_path / "rank" / "last" / "state.json").read_text())["step"] == 0
+
+
+def test_a_checkpoint_saved_before_the_stream_was_kept_resumes(tiny_rank_config, tmp_path, monkeypatch):
+    cfg = tiny_rank_config(eval_every=2)
+    calls = interrupt_after_one_batch(monkeypatch)
+    with pytest.raises(Interrupted):
+        finetune_ranker(cfg, tmp_path / "rank", progress=False, checkpoint_seconds=0)
+    state_file = tmp_path / "rank" / "last" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["stream"]
+    state_file.write_text(json.dumps(state))
+    calls.update(n=0, limit=100)
+    metrics = finetune_ranker(cfg, tmp_path / "rank", progress=False)
+    assert metrics["steps"] == 2 and calls["n"] == 1
+    assert metrics["history"][-1]["train_loss"] > 0  # the batches since the resume
 
 
 def test_a_different_config_in_the_same_directory_is_refused(tiny_rank_run, tiny_rank_config, tmp_path):
@@ -543,8 +568,8 @@ def test_a_run_names_its_retriever_relative_to_itself_and_can_be_moved(tiny_retr
         finetune_ranker(tiny_rank_config(retriever=other), Path("b/run/ranker"), progress=False)
 
 
-def test_a_config_naming_its_retriever_from_the_working_directory_still_reads(tiny_rank_run, tmp_path,
-                                                                             monkeypatch):
+def test_a_config_naming_its_retriever_from_the_working_directory_still_reads(tiny_rank_run, tiny_rank_config,
+                                                                             tmp_path, monkeypatch):
     # How runs were saved before: the path as given on the command line.
     rank = Path(shutil.copytree(tiny_rank_run, tmp_path / "run" / "ranker"))
     shutil.copytree(read_rank_config(tiny_rank_run).retriever, tmp_path / "run" / "retriever")
@@ -552,3 +577,15 @@ def test_a_config_naming_its_retriever_from_the_working_directory_still_reads(ti
     (rank / "rank_config.json").write_text(json.dumps({**config, "retriever": "run/retriever"}))
     monkeypatch.chdir(tmp_path)
     assert read_rank_config(Path("run/ranker")).retriever == Path("run/retriever")
+    # resuming it rewrites the config the new way
+    finetune_ranker(tiny_rank_config(retriever=Path("run/retriever")), rank, progress=False)
+    assert json.loads((rank / "rank_config.json").read_text())["retriever"] == "../retriever"
+
+
+def test_a_retriever_reached_through_a_symlink_in_the_run_is_named_by_the_link(tmp_path):
+    (tmp_path / "data" / "ret").mkdir(parents=True)
+    (tmp_path / "run" / "ranker").mkdir(parents=True)
+    (tmp_path / "run" / "retriever").symlink_to(tmp_path / "data" / "ret")
+    run = tmp_path / "run"
+    assert retriever_for_config(run / "ranker", run / "retriever") == "../retriever"
+    assert retriever_for_config(run / "ranker", tmp_path / "data" / "ret") == str((tmp_path / "data" / "ret").resolve())

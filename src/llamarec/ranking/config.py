@@ -88,18 +88,24 @@ class RankConfig(BaseModel):
         return "all-linear" if self.target_modules == ["all-linear"] else self.target_modules
 
 
-def saved_retriever_path(rank_dir: Path, retriever: Path) -> str:
-    """How a ranker run's config names its retriever: relative to the ranker directory, so that
-    a run directory holding both can be moved or used from any working directory."""
-    return os.path.relpath(retriever.resolve(), rank_dir.resolve())
+def retriever_for_config(rank_dir: Path, retriever: Path) -> str:
+    """How a ranker run's config names its retriever: relative to the ranker directory when the
+    retriever lies in the same run directory (``../retriever`` for ``llamarec run``), so the run
+    can be moved and used from any working directory; elsewhere, its absolute path."""
+    plain = os.path.relpath(os.path.abspath(retriever), os.path.abspath(rank_dir))
+    if (rank_dir / plain).resolve() != retriever.resolve():  # symlinks on the way
+        plain = os.path.relpath(retriever.resolve(), rank_dir.resolve())
+    return str(retriever.resolve()) if Path(plain).parts[:2] == (os.pardir, os.pardir) else plain
 
 
-def stored_retriever(rank_dir: Path, saved: Path) -> Path:
-    """The retriever named in a ranker run's saved config. Configs written before names became
-    relative to the ranker directory named it relative to the working directory: that is tried
-    when the first does not exist."""
+def retriever_from_config(rank_dir: Path, saved: Path) -> Path:
+    """The retriever a ranker run's saved config names (see :func:`retriever_for_config`).
+    Configs saved before paths became relative to the ranker directory named it relative to
+    the working directory; such a path (one that does not start with ``..``) is tried there
+    when it is not found from the ranker directory."""
     inside = rank_dir / saved
-    return saved if not saved.is_absolute() and not inside.exists() and saved.exists() else inside
+    legacy = not saved.is_absolute() and saved.parts[:1] != (os.pardir,)
+    return saved if legacy and not inside.exists() and saved.exists() else inside
 
 
 def verify_ranker_run(rank_dir: Path, adapter: bool = True) -> None:

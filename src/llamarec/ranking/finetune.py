@@ -46,7 +46,7 @@ from llamarec.layout import (
 )
 from llamarec.manifest import record
 from llamarec.metrics import metrics_from_ranks, target_ranks
-from llamarec.ranking.config import RankConfig, saved_retriever_path, stored_retriever
+from llamarec.ranking.config import RankConfig, retriever_for_config, retriever_from_config
 from llamarec.ranking.examples import RankExample, evaluation_examples, hard_negative_examples, paper_examples
 from llamarec.ranking.llm import decoder_layers, load_llm
 from llamarec.ranking.ranker import Ranker, read_ranker_scale, shuffled_order
@@ -372,10 +372,10 @@ class Finetuner:
         # The retriever compared as a place, however it is named (relative to the ranker
         # directory when saved, to the working directory when given).
         if saved is not None and isinstance(saved.get("retriever"), str):
-            saved = {**saved, "retriever": str(stored_retriever(self.out, Path(saved["retriever"])).resolve())}
+            saved = {**saved, "retriever": str(retriever_from_config(self.out, Path(saved["retriever"])).resolve())}
         here = self.cfg.model_copy(update={"retriever": self.cfg.retriever.resolve()})
         current = check_same_config(self.out, saved, here, "ranker run")
-        write_json(path, {**current, "retriever": saved_retriever_path(self.out, self.cfg.retriever)})
+        write_json(path, {**current, "retriever": retriever_for_config(self.out, self.cfg.retriever)})
         record(self.out, path)
         write_json(self.out / PROMPT_FILE, self.prompt_cfg.model_dump())
         record(self.out, self.out / PROMPT_FILE)
@@ -396,8 +396,9 @@ class Finetuner:
         self.model.train()
         per_step = cfg.batch_size * cfg.grad_accum
         stream = st.stream
-        for key in ("train_loss", *(("train_loss_retriever_alone",) if cfg.residual_weight > 0 else ())):
-            stream.setdefault(key, [])
+        stream.setdefault("train_loss", [])
+        if cfg.residual_weight > 0:
+            stream.setdefault("train_loss_retriever_alone", [])
         while not st.finished and st.step < self.total_steps:
             for group in self.optimizer.param_groups:
                 group["lr"] = self._lr(st.step) * group.get("lr_scale", 1.0)

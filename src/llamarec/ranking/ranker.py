@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerBase
 from llamarec.configs import read_json_config
 from llamarec.errors import LlamarecError
 from llamarec.layout import ADAPTER_DIR, FULL_LAYERS_FILE, PROMPT_FILE, RANK_CONFIG, RANKER_SCALE_FILE
-from llamarec.ranking.config import RankConfig, stored_retriever
+from llamarec.ranking.config import RankConfig, retriever_from_config
 from llamarec.ranking.examples import RankExample
 from llamarec.ranking.prefix_cache import PrefixCache
 from llamarec.ranking.prompt import LETTERS, PromptBuilder, PromptConfig
@@ -189,7 +189,7 @@ def read_rank_config(rank_dir: Path) -> RankConfig:
     if not path.is_file():
         raise LlamarecError(f"{rank_dir}: not a ranker run ({RANK_CONFIG} missing)")
     cfg = read_json_config(RankConfig, path)
-    return cfg.model_copy(update={"retriever": stored_retriever(rank_dir, cfg.retriever)})
+    return cfg.model_copy(update={"retriever": retriever_from_config(rank_dir, cfg.retriever)})
 
 
 def load_ranker(rank_dir: Path, titles: Sequence[str], *, zero_shot: bool = False, device: str | None = None,
