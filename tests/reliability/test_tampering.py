@@ -82,8 +82,9 @@ def outputs(case: Path, command: str, stdout: str) -> object:
 
 @pytest.fixture
 def world(own_tiny_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> dict:
-    """The untouched run (its ranker names its retriever by a relative path) and what each
-    command gives on it."""
+    """The untouched run and what each command gives on it. Its ranker names its retriever as
+    runs saved before ranker-relative paths did (relative to the working directory), so the
+    tampered copies exercise that reading too; the other reliability tests use today's form."""
     base = own_tiny_run("base")
     path = base / "ranker" / "rank_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "retriever": "run/retriever"}, indent=2) + "\n")
