@@ -12,32 +12,41 @@ retriever's overall NDCG@10 on each split:
 - with ``--llm [MODEL]``: what the LLM's own picture of the titles holds, with no training:
   each title's mean last-layer hidden state (centred, unit length), and a candidate's score
   its dot product with the mean of the user's last 1 / 5 / 20 titles' (the cosine for the last
-  one; MODEL: a hub id or local dir; SmolLM2-135M-Instruct if none).
+  one; MODEL: a hub id or local dir; SmolLM2-135M-Instruct if none);
+- with ``--trained`` as well: what training can get out of those title embeddings. A small
+  scorer (a trained projection of frozen item vectors, a position-weighted mean over the user's
+  last 10 items, a dot product with each candidate's) is trained on every training prefix
+  whose target is a candidate, as a residual on the retriever's log-probabilities (temperature
+  fitted on the prefixes, as residual ranker training does), and early-stopped on the
+  validation users' residual loss. Its control is the same scorer on random item vectors:
+  what it gains there comes from a second model trained on the same data, not from the LLM.
 
 Each signal is also scored alone (``alone_NDCG@10``; a random order of the candidates scores
 about 0.227 on the users whose target is a candidate, times their share of all users). Ties
 count against the target, as in every llamarec metric, so a signal with many equal scores
 (co-occurrence with one item is often 0) scores lower alone than with ties broken at random.
 
-    python scripts/control_fusion.py runs/cpuq/retriever [--llm]
+    python scripts/control_fusion.py runs/cpuq/retriever [--llm [--trained]]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from llamarec.candidates import Candidates, load_candidates
+from llamarec.candidates import Candidates, load_candidates, load_train_candidates
 from llamarec.data import Dataset, load_run_dataset
 from llamarec.errors import LlamarecError
 from llamarec.metrics import paired_bootstrap, per_user_metric, target_ranks
 from llamarec.ranking.scoring import fit_temperature, fuse, tune_fusion
 
 SPLITS = ("val", "test")
+HISTORY = 10
 
 
 def training_matrix(ds: Dataset) -> np.ndarray:
@@ -84,6 +93,86 @@ def profile_scores(ds: Dataset, emb: np.ndarray, cands: Candidates, split: str, 
     return out
 
 
+def history_matrix(histories: list[np.ndarray], length: int = HISTORY) -> torch.Tensor:
+    """Each history's last ``length`` items, left-padded with 0 (the padding item)."""
+    out = np.zeros((len(histories), length), dtype=np.int64)
+    for row, history in enumerate(histories):
+        last = history[-length:]
+        out[row, length - len(last):] = last
+    return torch.from_numpy(out)
+
+
+class FeatureScorer(torch.nn.Module):
+    """Candidate scores from frozen item vectors: a trained projection of each item, the user a
+    position-weighted mean of the projections of their last items, a score a dot product."""
+
+    def __init__(self, vectors: np.ndarray, dim: int = 64, dropout: float = 0.2):
+        super().__init__()
+        self.register_buffer("vectors", torch.from_numpy(vectors).float())
+        self.project = torch.nn.Sequential(torch.nn.Linear(vectors.shape[1], dim), torch.nn.GELU(),
+                                           torch.nn.Linear(dim, dim))
+        self.position = torch.nn.Parameter(torch.zeros(HISTORY))
+        self.user = torch.nn.Linear(dim, dim)
+        self.dropout = torch.nn.Dropout(dropout)
+
+    def forward(self, history: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        weights = self.position.masked_fill(history == 0, -1e4).softmax(-1)
+        past = self.project(self.dropout(self.vectors[history]))
+        user = self.user((weights.unsqueeze(-1) * past).sum(1))
+        return (self.project(self.vectors[candidates]) * user.unsqueeze(1)).sum(-1) / user.shape[-1] ** 0.5
+
+
+def residual_loss(scores: torch.Tensor, retriever_log_probs: torch.Tensor, labels: torch.Tensor) -> float:
+    return torch.nn.functional.cross_entropy(scores + retriever_log_probs, labels).item()
+
+
+def train_scorer(vectors: np.ndarray, train: dict[str, torch.Tensor], val: dict[str, torch.Tensor],
+                 epochs: int = 10, batch: int = 256, seed: int = 0) -> tuple[FeatureScorer, dict]:
+    """Train a :class:`FeatureScorer` as a residual on ``log_probs`` (the retriever's, calibrated)
+    and keep the epoch with the lowest validation residual loss.
+
+    ``train`` and ``val`` hold ``history`` [N, HISTORY], ``items`` [N, k], ``labels`` [N] and
+    ``log_probs`` [N, k]."""
+    torch.manual_seed(seed)
+    scorer = FeatureScorer(vectors)
+    optimizer = torch.optim.AdamW(scorer.parameters(), lr=1e-3, weight_decay=1e-4)
+    retriever_loss = torch.nn.functional.cross_entropy(val["log_probs"], val["labels"]).item()
+    best = {"val_loss": float("inf"), "epoch": -1, "state": None}
+    for epoch in range(epochs):
+        scorer.train()
+        for rows in torch.randperm(len(train["labels"])).split(batch):
+            logits = scorer(train["history"][rows], train["items"][rows]) + train["log_probs"][rows]
+            loss = torch.nn.functional.cross_entropy(logits, train["labels"][rows])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        scorer.eval()
+        with torch.no_grad():
+            val_loss = residual_loss(scorer(val["history"], val["items"]), val["log_probs"], val["labels"])
+        if val_loss < best["val_loss"]:
+            best = {"val_loss": val_loss, "epoch": epoch, "state": copy.deepcopy(scorer.state_dict())}
+    scorer.load_state_dict(best["state"])
+    scorer.eval()
+    return scorer, {"best_epoch": best["epoch"], "val_residual_loss": best["val_loss"],
+                    "val_retriever_loss": retriever_loss}
+
+
+def training_prefixes(ds: Dataset, run: Path) -> dict[str, torch.Tensor]:
+    """The training prefixes whose target the retriever found, with their calibrated log-probs."""
+    train = load_train_candidates(run)
+    hits = train["items"] == train["targets"][:, None]
+    keep = hits.any(1)
+    labels = torch.from_numpy(hits[keep].argmax(1))
+    scores = torch.from_numpy(train["scores"][keep]).float()
+    histories = [ds.sequences[u][:p] for u, p in zip(train["users"][keep], train["positions"][keep])]
+    return {"history": history_matrix(histories), "items": torch.from_numpy(train["items"][keep]).long(),
+            "labels": labels, "log_probs": (scores / fit_temperature(scores, labels)).log_softmax(-1)}
+
+
+def split_histories(ds: Dataset, split: str) -> torch.Tensor:
+    return history_matrix([seq[:-2] if split == "val" else seq[:-1] for seq in ds.sequences])
+
+
 def compare(features: dict[str, torch.Tensor], retriever: dict, labels: dict, valid: dict,
             temperature: float) -> dict:
     v = valid["val"]
@@ -105,7 +194,12 @@ def main() -> None:
     parser.add_argument("retriever", type=Path, help="a retriever run directory with candidates")
     parser.add_argument("--llm", nargs="?", const="", default=None, metavar="MODEL",
                         help="also the LLM's title similarity (default model: SmolLM2-135M-Instruct)")
+    parser.add_argument("--trained", action="store_true",
+                        help="with --llm: also a scorer trained on the title embeddings, and on random vectors")
+    parser.add_argument("--epochs", type=int, default=10, help="--trained: at most this many epochs")
     args = parser.parse_args()
+    if args.trained and args.llm is None:
+        raise SystemExit("error: --trained needs --llm (the title embeddings it trains on)")
     ds = load_run_dataset(args.retriever)
     cands = {s: load_candidates(args.retriever, s) for s in SPLITS}
     labels = {s: torch.from_numpy((c.items == c.targets[:, None]).argmax(1)) for s, c in cands.items()}
@@ -130,6 +224,22 @@ def main() -> None:
                                                  for s, c in cands.items()} for n in (1, 5, 20)})
     results = {"temperature": temperature,
                **{name: compare(f, retriever, labels, valid, temperature) for name, f in signals.items()}}
+    if args.trained:
+        train = training_prefixes(ds, args.retriever)
+        held_out = {s: {"history": split_histories(ds, s), "items": torch.from_numpy(c.items).long(),
+                        "labels": labels[s], "log_probs": (retriever[s] / temperature).log_softmax(-1)}
+                    for s, c in cands.items()}
+        v = valid["val"]
+        val = {k: x[v] for k, x in held_out["val"].items()}
+        random_vectors = np.random.default_rng(0).standard_normal(emb.shape).astype(np.float32)
+        random_vectors /= np.linalg.norm(random_vectors, axis=1, keepdims=True)
+        random_vectors[0] = 0.0
+        for name, vectors in (("trained on llm titles", emb), ("trained on random vectors", random_vectors)):
+            scorer, fit = train_scorer(np.sqrt(emb.shape[1]) * vectors, train, val, epochs=args.epochs)
+            with torch.no_grad():
+                scores = {s: scorer(h["history"], h["items"]) for s, h in held_out.items()}
+            results[name] = {**fit, "training_prefixes": len(train["labels"]),
+                             **compare(scores, retriever, labels, valid, temperature)}
     print(json.dumps(results, indent=2))
 
 

@@ -56,19 +56,72 @@ def test_a_signal_alone_scores_as_the_retriever_when_it_is_the_retriever(tiny_re
     assert flipped["test"]["alone_NDCG@10"] < report["test"]["alone_NDCG@10"]
 
 
+def test_history_matrix_keeps_the_latest_items_left_padded():
+    out = control.history_matrix([np.array([1, 2, 3]), np.array([], dtype=np.int64), np.arange(1, 15)], length=4)
+    assert out.tolist() == [[0, 1, 2, 3], [0, 0, 0, 0], [11, 12, 13, 14]]
+
+
+def _planted(n: int, rng: np.random.Generator, items: int = 30, k: int = 5) -> dict[str, torch.Tensor]:
+    """Prefixes whose answer is always the candidate equal to the user's last item; the
+    retriever's log-probs carry no information (uniform)."""
+    history = torch.from_numpy(rng.integers(1, items + 1, size=(n, control.HISTORY)))
+    candidates = torch.from_numpy(np.stack([rng.choice(np.arange(1, items + 1), size=k, replace=False)
+                                            for _ in range(n)]))
+    labels = torch.from_numpy(rng.integers(0, k, size=n))
+    candidates[torch.arange(n), labels] = history[:, -1]
+    for row in range(n):  # the last item appears once among the candidates
+        others = [i for i in range(k) if i != labels[row]]
+        candidates[row, others] = torch.from_numpy(
+            rng.choice([x for x in range(1, items + 1) if x != history[row, -1]], size=k - 1, replace=False))
+    return {"history": history, "items": candidates, "labels": labels,
+            "log_probs": torch.full((n, k), 1.0 / k).log()}
+
+
+def test_a_trained_scorer_learns_a_planted_rule_and_keeps_its_best_epoch():
+    rng = np.random.default_rng(0)
+    vectors = np.zeros((31, 31), dtype=np.float32)
+    vectors[1:, 1:] = 5 * np.eye(30)  # every item distinguishable
+    train, val = _planted(2000, rng), _planted(200, rng)
+    scorer, fit = control.train_scorer(vectors, train, val, epochs=10, batch=32)
+    assert fit["val_retriever_loss"] == pytest.approx(np.log(5))
+    assert fit["val_residual_loss"] < 0.5 * fit["val_retriever_loss"]
+    with torch.no_grad():
+        scores = scorer(val["history"], val["items"])
+    assert (scores.argmax(1) == val["labels"]).float().mean() > 0.9
+    assert control.residual_loss(scores, val["log_probs"], val["labels"]) == pytest.approx(fit["val_residual_loss"])
+    # validation users for whom the rule is wrong: the first epoch is the best, and its weights are kept
+    contrary = dict(val, labels=(val["labels"] + 1) % 5)
+    scorer, fit = control.train_scorer(vectors, train, contrary, epochs=4, batch=32)
+    assert fit["best_epoch"] == 0
+    with torch.no_grad():
+        scores = scorer(contrary["history"], contrary["items"])
+    assert control.residual_loss(scores, contrary["log_probs"], contrary["labels"]) == pytest.approx(fit["val_residual_loss"])
+
+
 def test_the_script_reports_every_signal_with_its_interval(tiny_retriever_run, tiny_llm_dir):
-    out = subprocess.run([sys.executable, str(SCRIPT), str(tiny_retriever_run), "--llm", str(tiny_llm_dir)],
+    out = subprocess.run([sys.executable, str(SCRIPT), str(tiny_retriever_run), "--llm", str(tiny_llm_dir),
+                          "--trained", "--epochs", "2"],
                          capture_output=True, text=True, timeout=300, check=True)
     report = json.loads(out.stdout)
     names = [k for k in report if k != "temperature"]
     assert names == ["popular first", "unpopular first", "knn last 1", "knn last 20",
-                     "llm titles last 1", "llm titles last 5", "llm titles last 20"]
+                     "llm titles last 1", "llm titles last 5", "llm titles last 20",
+                     "trained on llm titles", "trained on random vectors"]
+    for name in names[-2:]:
+        assert report[name]["best_epoch"] in (0, 1) and 0 < report[name]["training_prefixes"] <= 50
+        assert report[name]["val_residual_loss"] > 0
     for name in names:
         for split in ("val", "test"):
             r = report[name][split]
             diff = r["fused_vs_retriever"]
             assert diff["ci_low"] <= diff["diff"] <= diff["ci_high"]
             assert abs(r["fused_NDCG@10"] - r["retriever_NDCG@10"] - diff["diff"]) < 1e-6
+
+
+def test_trained_without_llm_is_one_error_line(tiny_retriever_run):
+    out = subprocess.run([sys.executable, str(SCRIPT), str(tiny_retriever_run), "--trained"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and out.stderr == "error: --trained needs --llm (the title embeddings it trains on)\n"
 
 
 def test_a_run_without_candidates_is_one_error_line(tmp_path):
