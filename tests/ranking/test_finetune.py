@@ -589,3 +589,14 @@ def test_a_retriever_reached_through_a_symlink_in_the_run_is_named_by_the_link(t
     run = tmp_path / "run"
     assert retriever_for_config(run / "ranker", run / "retriever") == "../retriever"
     assert retriever_for_config(run / "ranker", tmp_path / "data" / "ret") == str((tmp_path / "data" / "ret").resolve())
+
+
+def test_only_the_main_process_writes_the_run(tiny_rank_config, tmp_path, monkeypatch):
+    # Under `accelerate launch` every process trains; a process other than the main one checks
+    # the config like the others but writes nothing into the run directory.
+    from accelerate import Accelerator
+
+    monkeypatch.setattr(Accelerator, "is_main_process", property(lambda self: False))
+    metrics = finetune_ranker(tiny_rank_config(), tmp_path / "rank", progress=False, checkpoint_seconds=0)
+    assert metrics["steps"] > 0
+    assert list((tmp_path / "rank").iterdir()) == []

@@ -375,10 +375,11 @@ class Finetuner:
             saved = {**saved, "retriever": str(retriever_from_config(self.out, Path(saved["retriever"])).resolve())}
         here = self.cfg.model_copy(update={"retriever": self.cfg.retriever.resolve()})
         current = check_same_config(self.out, saved, here, "ranker run")
-        write_json(path, {**current, "retriever": retriever_for_config(self.out, self.cfg.retriever)})
-        record(self.out, path)
-        write_json(self.out / PROMPT_FILE, self.prompt_cfg.model_dump())
-        record(self.out, self.out / PROMPT_FILE)
+        if self.accelerator.is_main_process:  # every process checks; one writes
+            write_json(path, {**current, "retriever": retriever_for_config(self.out, self.cfg.retriever)})
+            record(self.out, path)
+            write_json(self.out / PROMPT_FILE, self.prompt_cfg.model_dump())
+            record(self.out, self.out / PROMPT_FILE)
 
     def run(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -443,8 +444,9 @@ class Finetuner:
                       if cfg.val_order == "shuffled" else {}),
                    "residual_weight": cfg.residual_weight, "ranker_scale": read_ranker_scale(self.out),
                    "retriever_temperatures": self.temperatures, "history": st.history}
-        write_json(self.out / RANK_TRAIN_METRICS, metrics)
-        record(self.out, self.out / RANK_TRAIN_METRICS)
+        if self.accelerator.is_main_process:
+            write_json(self.out / RANK_TRAIN_METRICS, metrics)
+            record(self.out, self.out / RANK_TRAIN_METRICS)
         return metrics
 
 
