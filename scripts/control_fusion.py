@@ -18,7 +18,8 @@ retriever's overall NDCG@10 on each split:
   last 10 items, a dot product with each candidate's) is trained on every training prefix
   whose target is a candidate, as a residual on the retriever's log-probabilities (temperature
   fitted on the prefixes, as residual ranker training does), and early-stopped on the
-  validation users' residual loss. Its control is the same scorer on random item vectors:
+  validation users' residual loss (reported with the test users' residual loss, both next to
+  the retriever's own loss on those users). Its control is the same scorer on random item vectors:
   what it gains there comes from a second model trained on the same data, not from the LLM.
 
 Each signal is also scored alone (``alone_NDCG@10``; a random order of the candidates scores
@@ -122,7 +123,7 @@ class FeatureScorer(torch.nn.Module):
         return (self.project(self.vectors[candidates]) * user.unsqueeze(1)).sum(-1) / user.shape[-1] ** 0.5
 
 
-def residual_loss(scores: torch.Tensor, retriever_log_probs: torch.Tensor, labels: torch.Tensor) -> float:
+def residual_loss(scores: torch.Tensor | float, retriever_log_probs: torch.Tensor, labels: torch.Tensor) -> float:
     return torch.nn.functional.cross_entropy(scores + retriever_log_probs, labels).item()
 
 
@@ -238,6 +239,10 @@ def main() -> None:
             scorer, fit = train_scorer(np.sqrt(emb.shape[1]) * vectors, train, val, epochs=args.epochs)
             with torch.no_grad():
                 scores = {s: scorer(h["history"], h["items"]) for s, h in held_out.items()}
+            t = valid["test"]
+            test_log_probs, test_labels = held_out["test"]["log_probs"][t], labels["test"][t]
+            fit["test_residual_loss"] = residual_loss(scores["test"][t], test_log_probs, test_labels)
+            fit["test_retriever_loss"] = residual_loss(0.0, test_log_probs, test_labels)
             results[name] = {**fit, "training_prefixes": len(train["labels"]),
                              **compare(scores, retriever, labels, valid, temperature)}
     print(json.dumps(results, indent=2))

@@ -95,7 +95,8 @@ def test_a_trained_scorer_learns_a_planted_rule_and_keeps_its_best_epoch():
     assert fit["best_epoch"] == 0
     with torch.no_grad():
         scores = scorer(contrary["history"], contrary["items"])
-    assert control.residual_loss(scores, contrary["log_probs"], contrary["labels"]) == pytest.approx(fit["val_residual_loss"])
+    kept = control.residual_loss(scores, contrary["log_probs"], contrary["labels"])
+    assert kept == pytest.approx(fit["val_residual_loss"])
 
 
 def test_the_script_reports_every_signal_with_its_interval(tiny_retriever_run, tiny_llm_dir):
@@ -109,7 +110,8 @@ def test_the_script_reports_every_signal_with_its_interval(tiny_retriever_run, t
                      "trained on llm titles", "trained on random vectors"]
     for name in names[-2:]:
         assert report[name]["best_epoch"] in (0, 1) and 0 < report[name]["training_prefixes"] <= 50
-        assert report[name]["val_residual_loss"] > 0
+        assert report[name]["val_residual_loss"] > 0 and report[name]["test_residual_loss"] > 0
+        assert report[name]["test_retriever_loss"] == report[names[-1]]["test_retriever_loss"] > 0
     for name in names:
         for split in ("val", "test"):
             r = report[name][split]
