@@ -198,6 +198,8 @@ def main() -> None:
     parser.add_argument("--trained", action="store_true",
                         help="with --llm: also a scorer trained on the title embeddings, and on random vectors")
     parser.add_argument("--epochs", type=int, default=10, help="--trained: at most this many epochs")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="--trained: seed of the scorers' initialisation and batches, and of the random vectors")
     args = parser.parse_args()
     if args.trained and args.llm is None:
         raise SystemExit("error: --trained needs --llm (the title embeddings it trains on)")
@@ -232,11 +234,12 @@ def main() -> None:
                     for s, c in cands.items()}
         v = valid["val"]
         val = {k: x[v] for k, x in held_out["val"].items()}
-        random_vectors = np.random.default_rng(0).standard_normal(emb.shape).astype(np.float32)
+        random_vectors = np.random.default_rng(args.seed).standard_normal(emb.shape).astype(np.float32)
         random_vectors /= np.linalg.norm(random_vectors, axis=1, keepdims=True)
         random_vectors[0] = 0.0
         for name, vectors in (("trained on llm titles", emb), ("trained on random vectors", random_vectors)):
-            scorer, fit = train_scorer(np.sqrt(emb.shape[1]) * vectors, train, val, epochs=args.epochs)
+            scorer, fit = train_scorer(np.sqrt(emb.shape[1]) * vectors, train, val, epochs=args.epochs,
+                                       seed=args.seed)
             with torch.no_grad():
                 scores = {s: scorer(h["history"], h["items"]) for s, h in held_out.items()}
             t = valid["test"]
