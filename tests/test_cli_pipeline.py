@@ -79,7 +79,7 @@ def test_run_errors(tiny_yaml: Path, tmp_path: Path) -> None:
     assert "--force bogus: stages are data, retriever, candidates, ranker, evaluate, report" in str(bogus.exception)
     preset = invoke("run", "--preset", "nope", "--out", tmp_path / "c")
     assert isinstance(preset.exception, LlamarecError)
-    assert "presets: cpu-quality, default, paper-beauty, paper-games, paper-ml" in str(preset.exception)
+    assert "presets: cpu-quality, default, gpu-quality, paper-beauty, paper-games, paper-ml" in str(preset.exception)
     assert not any((tmp_path / name).exists() for name in "abc")
 
 
@@ -169,7 +169,7 @@ def test_console_script_prints_one_error_line(tmp_path: Path, run_llamarec) -> N
     proc = run_llamarec("run", "--preset", "nope", "--out", str(tmp_path / "out"),
                         OMP_NUM_THREADS="1", LLAMAREC_CACHE=str(tmp_path / "cache"))
     assert proc.returncode == 1
-    assert proc.stderr == ("error: unknown preset 'nope'; presets: cpu-quality, default, paper-beauty, "
-                           "paper-games, paper-ml\n")
+    assert proc.stderr == ("error: unknown preset 'nope'; presets: cpu-quality, default, gpu-quality, "
+                           "paper-beauty, paper-games, paper-ml\n")
     assert proc.stdout == ""
     assert not (tmp_path / "out").exists()
