@@ -17,7 +17,7 @@ retriever's overall NDCG@10 on each split:
   scorer (a trained projection of frozen item vectors, a position-weighted mean over the user's
   last 10 items, a dot product with each candidate's) is trained on every training prefix
   whose target is a candidate, as a residual on the retriever's log-probabilities (temperature
-  fitted on the prefixes, as residual ranker training does), and early-stopped on the
+  fitted on the prefixes, as residual ranker training does), keeping the best of its epochs by the
   validation users' residual loss (reported with the test users' residual loss, both next to
   the retriever's own loss on those users). Its control is the same scorer on random item vectors:
   what it gains there comes from a second model trained on the same data, not from the LLM.
@@ -107,9 +107,10 @@ class FeatureScorer(torch.nn.Module):
     """Candidate scores from frozen item vectors: a trained projection of each item, the user a
     position-weighted mean of the projections of their last items, a score a dot product."""
 
-    def __init__(self, vectors: np.ndarray, dim: int = 64, dropout: float = 0.2):
+    def __init__(self, vectors: np.ndarray, dim: int = 64, dropout: float = 0.2) -> None:
         super().__init__()
-        self.register_buffer("vectors", torch.from_numpy(vectors).float())
+        # Frozen and not part of the state: only the trained weights are kept per epoch.
+        self.register_buffer("vectors", torch.from_numpy(vectors).float(), persistent=False)
         self.project = torch.nn.Sequential(torch.nn.Linear(vectors.shape[1], dim), torch.nn.GELU(),
                                            torch.nn.Linear(dim, dim))
         self.position = torch.nn.Parameter(torch.zeros(HISTORY))
@@ -124,6 +125,7 @@ class FeatureScorer(torch.nn.Module):
 
 
 def residual_loss(scores: torch.Tensor | float, retriever_log_probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Cross-entropy of the targets under ``softmax(scores + retriever log-probs)``."""
     return torch.nn.functional.cross_entropy(scores + retriever_log_probs, labels).item()
 
 
@@ -134,6 +136,8 @@ def train_scorer(vectors: np.ndarray, train: dict[str, torch.Tensor], val: dict[
 
     ``train`` and ``val`` hold ``history`` [N, HISTORY], ``items`` [N, k], ``labels`` [N] and
     ``log_probs`` [N, k]."""
+    if epochs < 1:
+        raise LlamarecError(f"epochs {epochs}: at least 1")
     torch.manual_seed(seed)
     scorer = FeatureScorer(vectors)
     optimizer = torch.optim.AdamW(scorer.parameters(), lr=1e-3, weight_decay=1e-4)
@@ -152,6 +156,8 @@ def train_scorer(vectors: np.ndarray, train: dict[str, torch.Tensor], val: dict[
             val_loss = residual_loss(scorer(val["history"], val["items"]), val["log_probs"], val["labels"])
         if val_loss < best["val_loss"]:
             best = {"val_loss": val_loss, "epoch": epoch, "state": copy.deepcopy(scorer.state_dict())}
+    if best["state"] is None:
+        raise LlamarecError("the trained scorer's validation loss was never finite (training diverged)")
     scorer.load_state_dict(best["state"])
     scorer.eval()
     return scorer, {"best_epoch": best["epoch"], "val_residual_loss": best["val_loss"],
@@ -171,7 +177,16 @@ def training_prefixes(ds: Dataset, run: Path) -> dict[str, torch.Tensor]:
 
 
 def split_histories(ds: Dataset, split: str) -> torch.Tensor:
+    """Every user's history before the ``val`` or ``test`` target, as :func:`history_matrix`."""
     return history_matrix([seq[:-2] if split == "val" else seq[:-1] for seq in ds.sequences])
+
+
+def random_unit_vectors(shape: tuple[int, int], seed: int) -> np.ndarray:
+    """Random unit rows over a zero padding row: the title embeddings' shape and scale, no content."""
+    out = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    out /= np.linalg.norm(out, axis=1, keepdims=True)
+    out[0] = 0.0
+    return out
 
 
 def compare(features: dict[str, torch.Tensor], retriever: dict, labels: dict, valid: dict,
@@ -203,6 +218,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.trained and args.llm is None:
         raise SystemExit("error: --trained needs --llm (the title embeddings it trains on)")
+    if args.epochs < 1:
+        raise SystemExit(f"error: --epochs {args.epochs}: at least 1")
     ds = load_run_dataset(args.retriever)
     cands = {s: load_candidates(args.retriever, s) for s in SPLITS}
     labels = {s: torch.from_numpy((c.items == c.targets[:, None]).argmax(1)) for s, c in cands.items()}
@@ -234,10 +251,8 @@ def main() -> None:
                     for s, c in cands.items()}
         v = valid["val"]
         val = {k: x[v] for k, x in held_out["val"].items()}
-        random_vectors = np.random.default_rng(args.seed).standard_normal(emb.shape).astype(np.float32)
-        random_vectors /= np.linalg.norm(random_vectors, axis=1, keepdims=True)
-        random_vectors[0] = 0.0
-        for name, vectors in (("trained on llm titles", emb), ("trained on random vectors", random_vectors)):
+        controls = random_unit_vectors(emb.shape, args.seed)
+        for name, vectors in (("trained on llm titles", emb), ("trained on random vectors", controls)):
             scorer, fit = train_scorer(np.sqrt(emb.shape[1]) * vectors, train, val, epochs=args.epochs,
                                        seed=args.seed)
             with torch.no_grad():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from llamarec.candidates import Candidates, load_candidates
+from llamarec.candidates import Candidates, load_candidates, load_train_candidates
 from llamarec.data import load_run_dataset
 
 SCRIPT = Path(__file__).parents[2] / "scripts" / "control_fusion.py"
@@ -61,6 +61,44 @@ def test_history_matrix_keeps_the_latest_items_left_padded():
     assert out.tolist() == [[0, 1, 2, 3], [0, 0, 0, 0], [11, 12, 13, 14]]
 
 
+def test_histories_end_just_before_each_target(tiny_retriever_run):
+    ds = load_run_dataset(tiny_retriever_run)
+    for split, cut in (("val", 2), ("test", 1)):
+        rows = control.split_histories(ds, split)
+        for u, seq in enumerate(ds.sequences):
+            assert rows[u, -1] == seq[-cut - 1] and seq[-cut] not in rows[u, -1:].tolist()
+    train = control.training_prefixes(ds, tiny_retriever_run)
+    raw = load_train_candidates(tiny_retriever_run)
+    hits = (raw["items"] == raw["targets"][:, None]).any(1)
+    users, positions, targets = raw["users"][hits], raw["positions"][hits], raw["targets"][hits]
+    assert len(train["labels"]) == hits.sum() > 0
+    for row, (u, p) in enumerate(zip(users, positions)):
+        seq = ds.sequences[u]
+        assert train["history"][row, -1] == seq[p - 1] and seq[p] == targets[row]  # the target is not shown
+        assert train["items"][row, train["labels"][row]] == targets[row]
+    torch.testing.assert_close(train["log_probs"].exp().sum(1), torch.ones(len(users)))
+
+
+def test_random_control_vectors_have_the_embeddings_scale_and_a_zero_padding_row():
+    vectors = control.random_unit_vectors((6, 4), seed=3)
+    assert not vectors[0].any()
+    np.testing.assert_allclose(np.linalg.norm(vectors[1:], axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(vectors, control.random_unit_vectors((6, 4), seed=3))
+    assert not np.array_equal(vectors, control.random_unit_vectors((6, 4), seed=4))
+
+
+def test_padding_does_not_reach_the_users_vector():
+    vectors = np.random.default_rng(0).standard_normal((8, 5)).astype(np.float32)
+    scorer = control.FeatureScorer(vectors).eval()
+    history = torch.tensor([[0] * (control.HISTORY - 2) + [3, 5]])
+    candidates = torch.tensor([[1, 2, 4, 6]])
+    with torch.no_grad():
+        before = scorer(history, candidates)
+        scorer.vectors[0] = 100.0  # whatever the padding row holds
+        after = scorer(history, candidates)
+    torch.testing.assert_close(before, after)
+
+
 def _planted(n: int, rng: np.random.Generator, items: int = 30, k: int = 5) -> dict[str, torch.Tensor]:
     """Prefixes whose answer is always the candidate equal to the user's last item; the
     retriever's log-probs carry no information (uniform)."""
@@ -108,10 +146,13 @@ def test_the_script_reports_every_signal_with_its_interval(tiny_retriever_run, t
     assert names == ["popular first", "unpopular first", "knn last 1", "knn last 20",
                      "llm titles last 1", "llm titles last 5", "llm titles last 20",
                      "trained on llm titles", "trained on random vectors"]
-    for name in names[-2:]:
-        assert report[name]["best_epoch"] in (0, 1) and 0 < report[name]["training_prefixes"] <= 50
-        assert report[name]["val_residual_loss"] > 0 and report[name]["test_residual_loss"] > 0
-        assert report[name]["test_retriever_loss"] == report[names[-1]]["test_retriever_loss"] > 0
+    titles, controls = report[names[-2]], report[names[-1]]
+    for fit in (titles, controls):
+        assert fit["best_epoch"] in (0, 1) and 0 < fit["training_prefixes"] <= 50
+        assert fit["val_residual_loss"] > 0 and fit["test_residual_loss"] > 0
+    # both are measured against the same retriever on the same users
+    assert titles["test_retriever_loss"] == controls["test_retriever_loss"] > 0
+    assert titles["val_retriever_loss"] == controls["val_retriever_loss"] > 0
     for name in names:
         for split in ("val", "test"):
             r = report[name][split]
@@ -124,6 +165,12 @@ def test_trained_without_llm_is_one_error_line(tiny_retriever_run):
     out = subprocess.run([sys.executable, str(SCRIPT), str(tiny_retriever_run), "--trained"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 1 and out.stderr == "error: --trained needs --llm (the title embeddings it trains on)\n"
+
+
+def test_no_epochs_is_one_error_line(tiny_retriever_run, tiny_llm_dir):
+    out = subprocess.run([sys.executable, str(SCRIPT), str(tiny_retriever_run), "--llm", str(tiny_llm_dir),
+                          "--trained", "--epochs", "0"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and out.stderr == "error: --epochs 0: at least 1\n"
 
 
 def test_a_run_without_candidates_is_one_error_line(tmp_path):
