@@ -158,6 +158,9 @@ def rank_train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Ranker run directory to write.")],
     retriever: Annotated[Path | None, typer.Option(help="Retriever run directory (with candidates).")] = None,
     model: Annotated[str | None, typer.Option(help="Hub id or local dir; default SmolLM2-135M-Instruct.")] = None,
+    kind: Annotated[str | None, typer.Option(
+        help="verbalizer (the LLM scores each prompt's letters; LoRA fine-tuning) or title_similarity (the LLM "
+             "embeds every title once; no training, served without the LLM).")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML/JSON file of ranker options.")] = None,
     examples: Annotated[str | None, typer.Option(help="hard (retriever negatives) or paper (random).")] = None,
     max_examples: Annotated[int | None, typer.Option(help="Training examples (1000).")] = None,
@@ -171,19 +174,24 @@ def rank_train(
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, mps.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Fine-tune the ranker with LoRA (resuming an interrupted run in OUT)."""
+    """Fine-tune the ranker with LoRA (resuming an interrupted run in OUT), or build a
+    title_similarity ranker's title vectors (--kind title_similarity)."""
     from llamarec.ranking.config import RankConfig
     from llamarec.ranking.finetune import finetune_ranker
 
     values = read_config_file(config) if config else {}
     values.update({k: v for k, v in dict(
-        retriever=retriever, model=model, examples=examples, max_examples=max_examples,
+        retriever=retriever, model=model, kind=kind, examples=examples, max_examples=max_examples,
         batch_size=batch_size, grad_accum=grad_accum, lr=lr, eval_every=eval_every, val_users=val_users,
         load_in_4bit=load_in_4bit, dtype=dtype, device=device).items() if v is not None})
     if "retriever" not in values:
         raise LlamarecError("rank train: --retriever is required (or `retriever:` in --config)")
     cfg = validate(RankConfig, values, str(config or "options"))
     metrics = finetune_ranker(cfg, out)
+    if cfg.kind == "title_similarity":
+        summary = {"title vectors": metrics["items"], "dimensions": metrics["dim"], "seconds": metrics["train_seconds"]}
+        print_mapping("title similarity ranker", summary, as_json)
+        return
     summary = {"best val NDCG@10": round(metrics["best_val_NDCG@10"], 4),
                "zero-shot val NDCG@10": round(metrics["history"][0]["NDCG@10"], 4),
                "best step": metrics["best_step"], "steps": metrics["steps"], "seconds": metrics["train_seconds"]}

@@ -35,6 +35,7 @@ RANK_CONFIG = "rank_config.json"
 ADAPTER_DIR = "adapter"
 RANKER_SCALE_FILE = "ranker_scale.json"  # inside ADAPTER_DIR: a residual ranker's gate
 FULL_LAYERS_FILE = "full_layers.safetensors"  # inside ADAPTER_DIR instead of LoRA: full_layers' weights
+TITLE_VECTORS_FILE = "title_vectors.safetensors"  # a title_similarity ranker's item vectors
 PROMPT_FILE = "prompt.json"  # the resolved prompt config the ranker was trained with
 RANK_TRAIN_METRICS = "train_metrics.json"
 

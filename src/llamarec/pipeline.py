@@ -31,6 +31,7 @@ from llamarec.layout import (
     RANKER_DIR,
     RETRIEVER_DIR,
 )
+from llamarec.ranking.config import ranker_saved
 from llamarec.ranking.prefix_cache import PrefixCache
 from llamarec.ranking.scoring import ScoringConfig
 from llamarec.retrieval.evaluate import top_k
@@ -95,7 +96,7 @@ class Recommender:
         model, cfg = load_retriever_model(retriever_dir, device, torch_dtype)
         catalogue = _catalogue(retriever_dir, model.config.n_items)
         ranker, scoring, n_candidates = None, ScoringConfig(), 20
-        if with_ranker and (run_dir / RANKER_DIR / "adapter").is_dir():
+        if with_ranker and ranker_saved(run_dir / RANKER_DIR):
             from llamarec.ranking.config import verify_ranker_run
             from llamarec.ranking.ranker import load_ranker
 
@@ -111,7 +112,7 @@ class Recommender:
     @property
     def prefix_cache(self) -> PrefixCache | None:
         """The ranker's cache of prompt prefixes (see :meth:`load`), None when off."""
-        return None if self.ranker is None else self.ranker.scorer.prefix_cache
+        return None if self.ranker is None else self.ranker.prefix_cache
 
     # -- history resolution ---------------------------------------------------------------------
     def resolve_item(self, entry: int | str) -> int:

@@ -58,11 +58,14 @@ def _plots(run_dir: Path, metrics: dict) -> list[str]:
     ax1.axvline(metrics["retriever"]["best_step"], ls="--", c="grey", lw=0.8)
     ax1.set(title="Retriever: validation (all items)", xlabel="iteration")
     ax1.legend()
-    rhist = pd.DataFrame(metrics["ranker_training"]["history"])
-    for m in ("NDCG@10", "Recall@5"):
-        ax2.plot(rhist["step"], rhist[m], marker="o", label=m)
-    ax2.set(title="Ranker: validation (valid subset, 20 candidates)", xlabel="optimizer step")
-    ax2.legend()
+    if "history" in metrics["ranker_training"]:  # a title_similarity ranker is not trained
+        rhist = pd.DataFrame(metrics["ranker_training"]["history"])
+        for m in ("NDCG@10", "Recall@5"):
+            ax2.plot(rhist["step"], rhist[m], marker="o", label=m)
+        ax2.set(title="Ranker: validation (valid subset, 20 candidates)", xlabel="optimizer step")
+        ax2.legend()
+    else:
+        ax2.set_axis_off()
     _save(fig, plots / "training_curves.png")
     names.append("training_curves.png")
     # Retriever vs ranker.
@@ -138,6 +141,15 @@ def write_report(run_dir: Path) -> Path:
     return out
 
 
+def _ranker_sentence(rt: dict) -> str:
+    if rt.get("kind") == "title_similarity":
+        return (f"title similarity: {rt['model']}'s vectors of {rt['items']:,} titles ({rt['train_seconds']:.0f} s), "
+                f"each candidate scored against the user's last {rt['max_history']} items.")
+    return (f"LoRA fine-tuning, {rt['steps']} steps on {rt['examples']} examples "
+            f"({rt['train_seconds']:.0f} s), best validation NDCG@10 {rt['best_val_NDCG@10']:.4f} at step "
+            f"{rt['best_step']} (zero-shot {rt['history'][0]['NDCG@10']:.4f}).")
+
+
 def _lines(metrics: dict, retr_cfg: dict) -> list[str]:
     """The report's text up to its plots."""
     data, ranker = metrics["data"], metrics["ranker"]
@@ -151,9 +163,7 @@ def _lines(metrics: dict, retr_cfg: dict) -> list[str]:
         "",
         f"Retriever: {retr_cfg['model']}, best at iteration {metrics['retriever']['best_step']} of "
         f"{metrics['retriever']['steps']} ({metrics['retriever']['train_seconds']:.0f} s). "
-        f"Ranker: LoRA fine-tuning, {rt['steps']} steps on {rt['examples']} examples "
-        f"({rt['train_seconds']:.0f} s), best validation NDCG@10 {rt['best_val_NDCG@10']:.4f} at step "
-        f"{rt['best_step']} (zero-shot {rt['history'][0]['NDCG@10']:.4f}). Candidate order at test time: "
+        f"Ranker: {_ranker_sentence(rt)} Candidate order at test time: "
         f"{ranker['order']}; fusion weight {ranker['fusion']['weight']} "
         f"({ranker['fusion'].get('chosen_by', 'validation NDCG@10')}).",
         "",

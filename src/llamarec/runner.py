@@ -212,6 +212,8 @@ class Runner:
         from llamarec.ranking.finetune import finetune_ranker
 
         m = finetune_ranker(self.rank_cfg, self.out / RANKER_DIR, self.progress)
+        if self.rank_cfg.kind == "title_similarity":
+            return f"{m['items']:,} title vectors of {m['dim']} dimensions ({m['train_seconds']:.0f} s)"
         return (f"val NDCG@10 {m['history'][0]['NDCG@10']:.4f} zero-shot -> {m['best_val_NDCG@10']:.4f} "
                 f"(best step {m['best_step']} of {m['steps']})")
 

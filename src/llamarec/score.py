@@ -43,6 +43,7 @@ from llamarec.layout import (
     RETRIEVER_CONFIG,
     RETRIEVER_DIR,
     RETRIEVER_MODEL,
+    TITLE_VECTORS_FILE,
 )
 
 logger = logging.getLogger(__name__)
@@ -192,16 +193,18 @@ def _run_settings(run_dir: Path) -> dict:
     """The ranker's prompt window, evaluation batch size and number of candidates (as
     ``Recommender.load`` sets it), read without loading a model."""
     from llamarec.configs import read_json_file
+    from llamarec.ranking.config import ranker_saved
 
     ranker = run_dir / RANKER_DIR
     prompt = read_json_file(ranker / PROMPT_FILE) if (ranker / PROMPT_FILE).is_file() else {}
     config = read_json_file(ranker / RANK_CONFIG) if (ranker / RANK_CONFIG).is_file() else {}
-    has_ranker = (ranker / ADAPTER_DIR).is_dir()
+    has_ranker = ranker_saved(ranker)
+    llm_batches = has_ranker and config.get("kind", "verbalizer") != "title_similarity"  # else no LLM to batch for
     summary = _retriever_dir(run_dir) / CANDIDATES_SUMMARY
     try:
         n_candidates = int(read_json_file(summary)["k"]) if has_ranker and summary.is_file() else 20
         return {"max_history": int(prompt.get("max_history", 20)), "n_candidates": n_candidates,
-                "batch_size": int(config.get("eval_batch_size", 8)) if has_ranker else 256}
+                "batch_size": int(config.get("eval_batch_size", 8)) if llm_batches else 256}
     except (KeyError, TypeError, ValueError) as exc:  # an edited or damaged file of the run
         raise LlamarecError(f"{run_dir}: cannot read the ranker's settings ({type(exc).__name__}: "
                             f"{' '.join(str(exc).split())[:160]}); its prompt.json, rank_config.json or "
@@ -212,7 +215,7 @@ def run_fingerprint(run_dir: Path) -> str:
     """sha256 over the files that decide the scores (weights, catalogue, configs, fusion)."""
     retriever = _retriever_dir(run_dir)
     files = [retriever / f for f in (RETRIEVER_CONFIG, RETRIEVER_MODEL, CATALOGUE_FILE, CANDIDATES_SUMMARY)]
-    files += [run_dir / RANKER_DIR / f for f in (RANK_CONFIG, PROMPT_FILE)]
+    files += [run_dir / RANKER_DIR / f for f in (RANK_CONFIG, PROMPT_FILE, TITLE_VECTORS_FILE)]
     files += [run_dir / RANKER_DIR / ADAPTER_DIR / f for f in ("adapter_config.json", "adapter_model.safetensors")]
     files.append(run_dir / PIPELINE_METRICS)
     digest = hashlib.sha256()
@@ -271,7 +274,7 @@ def load_recommender(run_dir: Path, device: str, batch_size: int):
 
     rec = Recommender.load(run_dir, device=device)
     if rec.ranker is not None:
-        rec.ranker.scorer.batch_size = batch_size  # one forward pass per planned batch
+        rec.ranker.batch_size = batch_size  # one forward pass per planned batch
     return rec
 
 

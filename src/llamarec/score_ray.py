@@ -193,14 +193,13 @@ class ExampleScorer:
                  scoring: dict, threads: int) -> None:
         import torch
 
-        from llamarec.ranking.evaluate import dtype_name
         from llamarec.ranking.ranker import load_ranker
         from llamarec.ranking.scoring import ScoringConfig
 
         torch.set_num_threads(threads)
         self.ranker = load_ranker(Path(rank_dir), titles, zero_shot=zero_shot, device=device, dtype=dtype)
         self.scoring = ScoringConfig.model_validate(scoring)
-        self.dtype = dtype_name(self.ranker)
+        self.dtype = self.ranker.dtype_name
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         from llamarec.ranking.evaluate import rerank_chunk

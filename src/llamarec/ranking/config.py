@@ -8,9 +8,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from llamarec.configs import read_json_config, validate
-from llamarec.layout import ADAPTER_DIR, PROMPT_FILE, RANK_CONFIG
+from llamarec.configs import read_json_config, read_json_file, validate
+from llamarec.errors import LlamarecError
+from llamarec.layout import ADAPTER_DIR, PROMPT_FILE, RANK_CONFIG, TITLE_VECTORS_FILE
 from llamarec.ranking.prompt import PromptConfig
+
+RankerKind = Literal["verbalizer", "title_similarity"]
 
 
 class RankConfig(BaseModel):
@@ -19,6 +22,13 @@ class RankConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     retriever: Path = Field(description="retriever run directory (with candidates)")
+    kind: RankerKind = Field(
+        "verbalizer", description="verbalizer: the LLM reads one prompt per user and its letter logits score the "
+                                  "candidates (fine-tuned with LoRA); title_similarity: the LLM embeds every title "
+                                  "once and a candidate scores its similarity to the user's last prompt.max_history "
+                                  "items (no training; served without the LLM)")
+    similarity_scale: float = Field(
+        10.0, gt=0.0, description="title_similarity: factor on the similarities (cosines) before fusion")
     model: str | None = Field(None, description="hub id, local dir or None for SmolLM2-135M-Instruct")
     gguf_file: str | None = None
     dtype: str = "auto"
@@ -70,6 +80,8 @@ class RankConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_residual(self) -> RankConfig:
+        if self.kind == "title_similarity" and self.residual_weight > 0:
+            raise ValueError("residual_weight trains a verbalizer; a title_similarity ranker is not trained")
         if self.residual_weight > 0 and self.loss != "letters":
             raise ValueError("residual_weight needs loss: letters (the residual is a softmax over the letters)")
         if self.full_layers is not None and (self.lora_layers is not None or self.load_in_4bit):
@@ -108,11 +120,51 @@ def retriever_from_config(rank_dir: Path, saved: Path) -> Path:
     return saved if legacy and not inside.exists() and saved.exists() else inside
 
 
+def ranker_saved(rank_dir: Path) -> bool:
+    """Whether ``rank_dir`` holds a ranker to serve: a verbalizer's adapter or title vectors."""
+    return (rank_dir / ADAPTER_DIR).is_dir() or (rank_dir / TITLE_VECTORS_FILE).is_file()
+
+
+def saved_kind(rank_dir: Path) -> RankerKind:
+    """The kind of ranker a ranker run's saved config describes (runs before kinds: verbalizer)."""
+    path = rank_dir / RANK_CONFIG
+    kind = read_json_file(path).get("kind", "verbalizer") if path.is_file() else "verbalizer"
+    if kind not in ("verbalizer", "title_similarity"):
+        raise LlamarecError(f"{path}: kind {kind!r} is not a ranker kind (verbalizer, title_similarity)")
+    return kind
+
+
 def verify_ranker_run(rank_dir: Path, adapter: bool = True) -> None:
-    """Before a ranker run is loaded: its config, prompt and (with ``adapter``) adapter files
-    match its manifest, and its prompt file validates; one line naming the file otherwise."""
+    """Before a ranker run is loaded: its config, prompt and (with ``adapter``) trained files
+    (a verbalizer's adapter, or title vectors) match its manifest, and its prompt file
+    validates; one line naming the file otherwise."""
     from llamarec.manifest import verify
 
-    verify(rank_dir, RANK_CONFIG, PROMPT_FILE, *((ADAPTER_DIR,) if adapter else ()))
+    verify(rank_dir, RANK_CONFIG)
+    trained = ADAPTER_DIR if saved_kind(rank_dir) == "verbalizer" else TITLE_VECTORS_FILE
+    verify(rank_dir, PROMPT_FILE, *((trained,) if adapter else ()))
     if (rank_dir / PROMPT_FILE).is_file():
         read_json_config(PromptConfig, rank_dir / PROMPT_FILE)
+
+
+def check_rank_config(out: Path, cfg: RankConfig, prompt_cfg: PromptConfig, write: bool = True) -> None:
+    """Refuse to continue a ranker run in ``out`` made with another config; with ``write``,
+    save the config (its retriever named as :func:`retriever_for_config` does) and the
+    resolved prompt config, listed in the manifest."""
+    from llamarec.checkpoint import check_same_config
+    from llamarec.io import write_json
+    from llamarec.manifest import record
+
+    path = out / RANK_CONFIG
+    saved = read_json_file(path) if path.is_file() else None
+    # The retriever compared as a place, however it is named (relative to the ranker
+    # directory when saved, to the working directory when given).
+    if saved is not None and isinstance(saved.get("retriever"), str):
+        saved = {**saved, "retriever": str(retriever_from_config(out, Path(saved["retriever"])).resolve())}
+    here = cfg.model_copy(update={"retriever": cfg.retriever.resolve()})
+    current = check_same_config(out, saved, here, "ranker run")
+    if write:
+        write_json(path, {**current, "retriever": retriever_for_config(out, cfg.retriever)})
+        record(out, path)
+        write_json(out / PROMPT_FILE, prompt_cfg.model_dump())
+        record(out, out / PROMPT_FILE)

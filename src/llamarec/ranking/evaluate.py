@@ -48,6 +48,7 @@ from llamarec.ranking.scoring import (
     fuse,
     tune_fusion,
 )
+from llamarec.ranking.title_similarity import TitleSimilarityRanker
 from llamarec.ranking.verbalizer import seeded_orders
 
 COMPARED = ("NDCG@10", "Recall@10", "MRR@10")
@@ -107,16 +108,13 @@ def plan_chunks(examples: Sequence[RankExample], titles: Sequence[str], batch_si
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def rerank_chunk(ranker: Ranker, examples: Sequence[Sequence], scoring: ScoringConfig) -> torch.Tensor:
+def rerank_chunk(ranker: Ranker | TitleSimilarityRanker, examples: Sequence[Sequence],
+                 scoring: ScoringConfig) -> torch.Tensor:
     """The letter scores ``[len(examples), n]`` of ``(history, candidates, retriever scores)``
     examples, by :meth:`Ranker.rerank`; the one call of both engines."""
     histories, candidates, retriever = zip(*examples)
     return ranker.rerank([list(h) for h in histories], np.asarray(candidates, dtype=np.int64),
                          np.asarray(retriever, dtype=np.float32), scoring)[0]
-
-
-def dtype_name(ranker: Ranker) -> str:
-    return str(next(ranker.model.parameters()).dtype).removeprefix("torch.")
 
 
 def _plain(ex: RankExample) -> tuple[list[int], list[int], list[float]]:
@@ -195,10 +193,11 @@ class ChunkedScores:
 class LocalScores(ChunkedScores):
     """Letter scores of evaluation examples in this process (engine ``local``)."""
 
-    def __init__(self, ranker: Ranker, resume_dir: Path | None = None, identity: dict | None = None) -> None:
+    def __init__(self, ranker: Ranker | TitleSimilarityRanker, resume_dir: Path | None = None,
+                 identity: dict | None = None) -> None:
         super().__init__(resume_dir)
-        self.ranker, self.dtype, self.identity = ranker, dtype_name(ranker), identity or {}
-        self.titles, self.batch_size = ranker.titles, ranker.scorer.batch_size
+        self.ranker, self.dtype, self.identity = ranker, ranker.dtype_name, identity or {}
+        self.titles, self.batch_size = ranker.titles, ranker.batch_size
 
     def run(self, todo: list[tuple[int, list[RankExample]]],
             scoring: ScoringConfig) -> Iterator[tuple[int, torch.Tensor]]:
@@ -291,6 +290,10 @@ def evaluate_ranker(rank_dir: Path, *, zero_shot: bool = False, order: Order = "
     check_engine(engine, workers)
     verify_ranker_run(rank_dir, adapter=not zero_shot)
     cfg = read_rank_config(rank_dir)
+    similarity = cfg.kind == "title_similarity"
+    if similarity and (zero_shot or calibrate or order != "retriever"):
+        raise LlamarecError(f"{rank_dir}: a title_similarity ranker reads no prompt, so zero-shot, --calibrate "
+                            "and candidate orders other than the retriever's do not apply to it")
     ds = load_run_dataset(cfg.retriever)
     max_history = read_prompt_config(rank_dir, cfg).max_history
     examples = {}
@@ -309,7 +312,7 @@ def evaluate_ranker(rank_dir: Path, *, zero_shot: bool = False, order: Order = "
                        address=address, resume_dir=out) as scores:
         scoring = ScoringConfig(
             order=order, permutations=permutations if order == "average" else 1, seed=seed,
-            ranker_scale=read_ranker_scale(rank_dir) if residual else 1.0,
+            ranker_scale=cfg.similarity_scale if similarity else read_ranker_scale(rank_dir) if residual else 1.0,
             letter_prior=letter_prior(scores, examples["val"], seed) if calibrate else None,
             retriever_temperature=fit_temperature(_retriever_scores(all_val), _labels(all_val)))
         both = scores(examples["val"] + examples["test"], scoring)

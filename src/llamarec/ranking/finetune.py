@@ -24,14 +24,12 @@ from tqdm.auto import tqdm
 
 from llamarec.candidates import load_candidates, load_train_candidates
 from llamarec.checkpoint import (
-    check_same_config,
     load_training_state,
     restore_state,
     restoring,
     save_tensors,
     save_training_state,
 )
-from llamarec.configs import read_json_file
 from llamarec.data import load_run_dataset
 from llamarec.errors import LlamarecError
 from llamarec.io import atomic_dir, write_json
@@ -39,14 +37,12 @@ from llamarec.layout import (
     ADAPTER_DIR,
     FULL_LAYERS_FILE,
     LAST_CHECKPOINT,
-    PROMPT_FILE,
-    RANK_CONFIG,
     RANK_TRAIN_METRICS,
     RANKER_SCALE_FILE,
 )
 from llamarec.manifest import record
 from llamarec.metrics import metrics_from_ranks, target_ranks
-from llamarec.ranking.config import RankConfig, retriever_for_config, retriever_from_config
+from llamarec.ranking.config import RankConfig, check_rank_config
 from llamarec.ranking.examples import RankExample, evaluation_examples, hard_negative_examples, paper_examples
 from llamarec.ranking.llm import decoder_layers, load_llm
 from llamarec.ranking.ranker import Ranker, read_ranker_scale, shuffled_order
@@ -367,19 +363,8 @@ class Finetuner:
         return True
 
     def _check_config(self) -> None:
-        path = self.out / RANK_CONFIG
-        saved = read_json_file(path) if path.is_file() else None
-        # The retriever compared as a place, however it is named (relative to the ranker
-        # directory when saved, to the working directory when given).
-        if saved is not None and isinstance(saved.get("retriever"), str):
-            saved = {**saved, "retriever": str(retriever_from_config(self.out, Path(saved["retriever"])).resolve())}
-        here = self.cfg.model_copy(update={"retriever": self.cfg.retriever.resolve()})
-        current = check_same_config(self.out, saved, here, "ranker run")
-        if self.accelerator.is_main_process:  # every process checks; one writes
-            write_json(path, {**current, "retriever": retriever_for_config(self.out, self.cfg.retriever)})
-            record(self.out, path)
-            write_json(self.out / PROMPT_FILE, self.prompt_cfg.model_dump())
-            record(self.out, self.out / PROMPT_FILE)
+        # every process checks; one writes
+        check_rank_config(self.out, self.cfg, self.prompt_cfg, write=self.accelerator.is_main_process)
 
     def run(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -452,5 +437,10 @@ class Finetuner:
 
 def finetune_ranker(cfg: RankConfig, out: Path, progress: bool = True,
                     checkpoint_seconds: float = CHECKPOINT_SECONDS) -> dict:
-    """Fine-tune (or resume) the ranker in ``out``; returns the training metrics."""
+    """Fine-tune (or resume) the ranker in ``out``; returns the training metrics. A
+    ``title_similarity`` ranker is not fine-tuned: its title vectors are built instead."""
+    if cfg.kind == "title_similarity":
+        from llamarec.ranking.title_vectors import build_title_ranker
+
+        return build_title_ranker(cfg, out, progress)
     return Finetuner(cfg, out, progress, checkpoint_seconds).run()

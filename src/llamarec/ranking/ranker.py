@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,6 +27,9 @@ from llamarec.ranking.verbalizer import (
     resolve_letter_ids,
     seeded_orders,
 )
+
+if TYPE_CHECKING:
+    from llamarec.ranking.title_similarity import TitleSimilarityRanker
 
 
 def shuffled_order(candidates: Sequence[int], seed: int) -> np.ndarray:
@@ -62,6 +66,24 @@ class Ranker:
         sample = self.builder.build(["a"], ["b"] * len(LETTERS), scores)
         self.letter_ids = resolve_letter_ids(tokenizer, sample)
         self.scorer = LetterScorer(model, tokenizer, self.letter_ids, batch_size, prefix_cache)
+
+    @property
+    def batch_size(self) -> int:
+        """Prompts per forward pass."""
+        return self.scorer.batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        self.scorer.batch_size = value
+
+    @property
+    def prefix_cache(self) -> PrefixCache | None:
+        return self.scorer.prefix_cache
+
+    @property
+    def dtype_name(self) -> str:
+        """The model's dtype, e.g. ``bfloat16``."""
+        return str(next(self.model.parameters()).dtype).removeprefix("torch.")
 
     def prompt(self, history: Sequence[int], candidates: Sequence[int],
                retriever_scores: Sequence[float] | None = None) -> str:
@@ -194,11 +216,19 @@ def read_rank_config(rank_dir: Path) -> RankConfig:
 
 def load_ranker(rank_dir: Path, titles: Sequence[str], *, zero_shot: bool = False, device: str | None = None,
                 dtype: str | None = None, batch_size: int | None = None,
-                prefix_cache: PrefixCache | None = None) -> Ranker:
+                prefix_cache: PrefixCache | None = None) -> Ranker | TitleSimilarityRanker:
     """The ranker of a ranker run: base LLM (hub id, cache or offline wheel, never copied into
     the run) plus the run's LoRA adapter (or none with ``zero_shot``), with the prompt config it
-    was trained with. ``device``/``dtype`` override the run's; ``prefix_cache``: see :class:`Ranker`."""
+    was trained with. ``device``/``dtype`` override the run's; ``prefix_cache``: see :class:`Ranker`.
+    A ``title_similarity`` run is its title vectors (no LLM, no device, no prompt to cache)."""
     cfg = read_rank_config(rank_dir)
+    if cfg.kind == "title_similarity":
+        if zero_shot:
+            raise LlamarecError(f"{rank_dir}: a title_similarity ranker has no zero-shot form (it is not trained)")
+        from llamarec.ranking.title_similarity import load_title_ranker
+
+        return load_title_ranker(rank_dir, titles, read_prompt_config(rank_dir, cfg).max_history,
+                                 batch_size or 256)
     from llamarec.ranking.llm import load_llm
 
     model, tokenizer = load_llm(cfg.model, dtype=dtype or cfg.dtype, device=device or cfg.device,
