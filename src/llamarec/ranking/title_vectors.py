@@ -31,8 +31,9 @@ def embed_titles(titles: Sequence[str], model: torch.nn.Module, tokenizer: PreTr
     """``[len(titles), hidden]``: each title's mean last-layer hidden state, centred over the
     titles and scaled to unit length; row 0 (the padding item) stays zero.
 
-    Positions count from each title's first real token, so a title's vector does not depend
-    on the (left) padding of the batch it was embedded in."""
+    Padding never enters a title's mean, and positions count from its first real token (a
+    model with absolute positions would otherwise see the batch's left padding), so a title's
+    vector does not depend on the batch it was embedded in."""
     device = next(model.parameters()).device
     out = np.zeros((len(titles), model.config.hidden_size), dtype=np.float32)
     starts = range(1, len(titles), batch_size)
