@@ -120,6 +120,22 @@ def test_rank_evaluate_on_ray_equals_local(tiny_pipeline_run: Path, tmp_path: Pa
         assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
 
 
+def test_a_title_similarity_ranker_on_ray_equals_local(copy_tiny_run, tiny_llm_path: Path, tmp_path: Path) -> None:
+    from llamarec.ranking.config import RankConfig
+    from llamarec.ranking.finetune import finetune_ranker
+
+    run = copy_tiny_run()
+    shutil.rmtree(run / "ranker")
+    cfg = RankConfig(retriever=run / "retriever", kind="title_similarity", model=str(tiny_llm_path), device="cpu")
+    finetune_ranker(cfg, run / "ranker", progress=False)
+    local = evaluate_ranker(run / "ranker", out=tmp_path / "local")
+    remote = evaluate_ranker(run / "ranker", out=tmp_path / "ray", engine="ray", workers=2)
+    assert remote == local and local["dtype"] == "float32"
+    table = score(run, k=6, shards=2, engine="ray", workers=2)
+    pd.testing.assert_frame_equal(table, score(run, k=6, shards=2))
+    assert table["ranker_score"].notna().all()
+
+
 # --------------------------------------------------------------------------- an existing cluster
 def _free_ports(n: int) -> list[int]:
     sockets = [socket.socket() for _ in range(n)]
