@@ -45,6 +45,7 @@ from llamarec.data import Dataset, load_run_dataset
 from llamarec.errors import LlamarecError
 from llamarec.metrics import paired_bootstrap, per_user_metric, target_ranks
 from llamarec.ranking.scoring import fit_temperature, fuse, tune_fusion
+from llamarec.ranking.title_vectors import embed_titles
 
 SPLITS = ("val", "test")
 HISTORY = 10
@@ -68,21 +69,12 @@ def knn_scores(ds: Dataset, sim: np.ndarray, cands: Candidates, split: str, last
 
 
 def title_embeddings(titles: list[str], model_id: str | None, batch: int = 32) -> np.ndarray:
-    """Unit-length, mean-centred mean last-layer hidden states of each title (row 0: padding)."""
+    """Unit-length, mean-centred mean last-layer hidden states of each title (row 0: padding):
+    the title_similarity ranker's vectors."""
     from llamarec.ranking.llm import load_llm
 
     model, tokenizer = load_llm(model_id, dtype="float32", device="cpu")
-    out = np.zeros((len(titles), model.config.hidden_size), dtype=np.float32)
-    with torch.no_grad():
-        for start in range(1, len(titles), batch):
-            enc = tokenizer(titles[start:start + batch], return_tensors="pt", padding=True)
-            hidden = model(**enc, output_hidden_states=True).hidden_states[-1]
-            mask = enc["attention_mask"].unsqueeze(-1).float()
-            mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-            out[start:start + len(enc["input_ids"])] = mean.numpy()
-    out[1:] -= out[1:].mean(0)
-    out[1:] /= np.maximum(np.linalg.norm(out[1:], axis=1, keepdims=True), 1e-9)
-    return out
+    return embed_titles(titles, model, tokenizer, batch_size=batch)
 
 
 def profile_scores(ds: Dataset, emb: np.ndarray, cands: Candidates, split: str, last: int) -> np.ndarray:

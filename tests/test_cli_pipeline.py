@@ -170,6 +170,6 @@ def test_console_script_prints_one_error_line(tmp_path: Path, run_llamarec) -> N
                         OMP_NUM_THREADS="1", LLAMAREC_CACHE=str(tmp_path / "cache"))
     assert proc.returncode == 1
     assert proc.stderr == ("error: unknown preset 'nope'; presets: cpu-quality, default, gpu-quality, "
-                           "paper-beauty, paper-games, paper-ml\n")
+                           "paper-beauty, paper-games, paper-ml, title-similarity\n")
     assert proc.stdout == ""
     assert not (tmp_path / "out").exists()

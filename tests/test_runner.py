@@ -14,7 +14,7 @@ from llamarec.ranking.finetune import Finetuner
 from llamarec.retrieval.train import Trainer
 from llamarec.runner import STAGES, PipelineConfig, Runner, load_pipeline_config, preset_path
 
-PRESETS = ("cpu-quality", "default", "gpu-quality", "paper-beauty", "paper-games", "paper-ml")
+PRESETS = ("cpu-quality", "default", "gpu-quality", "paper-beauty", "paper-games", "paper-ml", "title-similarity")
 
 
 def stages_of(run: Path) -> dict[str, str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -129,8 +129,8 @@ def saved_kind(rank_dir: Path) -> RankerKind:
     """The kind of ranker a ranker run's saved config describes (runs before kinds: verbalizer)."""
     path = rank_dir / RANK_CONFIG
     kind = read_json_file(path).get("kind", "verbalizer") if path.is_file() else "verbalizer"
-    if kind not in ("verbalizer", "title_similarity"):
-        raise LlamarecError(f"{path}: kind {kind!r} is not a ranker kind (verbalizer, title_similarity)")
+    if kind not in get_args(RankerKind):
+        raise LlamarecError(f"{path}: kind {kind!r} is not a ranker kind ({', '.join(get_args(RankerKind))})")
     return kind
 
 
