@@ -121,11 +121,14 @@ def test_rank_evaluate_on_ray_equals_local(tiny_pipeline_run: Path, tmp_path: Pa
 
 
 def test_a_title_similarity_ranker_on_ray_equals_local(copy_tiny_run, tiny_llm_path: Path, tmp_path: Path) -> None:
+    from llamarec.manifest import forget
     from llamarec.ranking.config import RankConfig
     from llamarec.ranking.finetune import finetune_ranker
 
     run = copy_tiny_run()
     shutil.rmtree(run / "ranker")
+    (run / "metrics.json").unlink()  # the verbalizer's fusion: this ranker is served as trained (retriever order)
+    forget(run, run / "metrics.json")
     cfg = RankConfig(retriever=run / "retriever", kind="title_similarity", model=str(tiny_llm_path), device="cpu")
     finetune_ranker(cfg, run / "ranker", progress=False)
     local = evaluate_ranker(run / "ranker", out=tmp_path / "local")

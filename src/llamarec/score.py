@@ -193,18 +193,18 @@ def _run_settings(run_dir: Path) -> dict:
     """The ranker's prompt window, evaluation batch size and number of candidates (as
     ``Recommender.load`` sets it), read without loading a model."""
     from llamarec.configs import read_json_file
-    from llamarec.ranking.config import ranker_saved
+    from llamarec.ranking.config import TITLE_SIMILARITY_BATCH, ranker_saved, saved_kind
 
     ranker = run_dir / RANKER_DIR
     prompt = read_json_file(ranker / PROMPT_FILE) if (ranker / PROMPT_FILE).is_file() else {}
     config = read_json_file(ranker / RANK_CONFIG) if (ranker / RANK_CONFIG).is_file() else {}
     has_ranker = ranker_saved(ranker)
-    llm_batches = has_ranker and config.get("kind", "verbalizer") != "title_similarity"  # else no LLM to batch for
+    llm_batches = has_ranker and saved_kind(ranker) == "verbalizer"
     summary = _retriever_dir(run_dir) / CANDIDATES_SUMMARY
     try:
         n_candidates = int(read_json_file(summary)["k"]) if has_ranker and summary.is_file() else 20
         return {"max_history": int(prompt.get("max_history", 20)), "n_candidates": n_candidates,
-                "batch_size": int(config.get("eval_batch_size", 8)) if llm_batches else 256}
+                "batch_size": int(config.get("eval_batch_size", 8)) if llm_batches else TITLE_SIMILARITY_BATCH}
     except (KeyError, TypeError, ValueError) as exc:  # an edited or damaged file of the run
         raise LlamarecError(f"{run_dir}: cannot read the ranker's settings ({type(exc).__name__}: "
                             f"{' '.join(str(exc).split())[:160]}); its prompt.json, rank_config.json or "

@@ -24,9 +24,18 @@ from llamarec.ranking.title_vectors import embed_titles
 
 
 @pytest.fixture
-def title_run(tiny_rank_config, tmp_path: Path) -> Path:
+def title_config(tiny_retriever_run: Path, tiny_llm_dir: Path):
+    def make(**overrides) -> RankConfig:
+        return RankConfig(**{"retriever": tiny_retriever_run, "model": str(tiny_llm_dir), "device": "cpu",
+                             "kind": "title_similarity", "prompt": {"max_history": 3}, **overrides})
+
+    return make
+
+
+@pytest.fixture
+def title_run(title_config, tmp_path: Path) -> Path:
     out = tmp_path / "titles"
-    finetune_ranker(tiny_rank_config(kind="title_similarity", prompt={"max_history": 3}), out, progress=False)
+    finetune_ranker(title_config(), out, progress=False)
     return out
 
 
@@ -69,7 +78,7 @@ def test_scores_are_the_dot_product_with_the_mean_of_the_last_items() -> None:
         ranker.rerank([[]], candidates, retriever, scoring)
 
 
-def test_building_writes_the_catalogues_vectors_once(title_run: Path, tiny_rank_config,
+def test_building_writes_the_catalogues_vectors_once(title_run: Path, title_config,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     titles = _titles(title_run)
     metrics = json.loads((title_run / "train_metrics.json").read_text())
@@ -83,17 +92,43 @@ def test_building_writes_the_catalogues_vectors_once(title_run: Path, tiny_rank_
         raise AssertionError("a finished title_similarity run was built again")
 
     monkeypatch.setattr("llamarec.ranking.llm.load_llm", no_llm)
-    again = finetune_ranker(tiny_rank_config(kind="title_similarity", prompt={"max_history": 3}), title_run,
-                            progress=False)
+    again = finetune_ranker(title_config(), title_run, progress=False)
     assert again == metrics
     with pytest.raises(LlamarecError, match="different config"):
-        finetune_ranker(tiny_rank_config(kind="title_similarity", prompt={"max_history": 5}), title_run,
-                        progress=False)
+        finetune_ranker(title_config(prompt={"max_history": 5}), title_run, progress=False)
 
 
-def test_a_title_similarity_ranker_is_not_trained_residually(tiny_retriever_run: Path) -> None:
-    with pytest.raises(ValueError, match="not trained"):
-        RankConfig(retriever=tiny_retriever_run, kind="title_similarity", loss="letters", residual_weight=1.0)
+def test_one_process_builds_the_vectors(title_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(LlamarecError, match="one process"):
+        finetune_ranker(title_config(), tmp_path / "titles", progress=False)
+    assert not (tmp_path / "titles").exists()
+
+
+def test_options_of_the_other_kind_are_refused(title_config, tiny_rank_config) -> None:
+    with pytest.raises(ValueError, match="dtype, loss, residual_weight, lr: options of a verbalizer"):
+        title_config(loss="letters", residual_weight=1.0, dtype="bfloat16", lr=1e-3)
+    with pytest.raises(ValueError, match="similarity_scale is an option of a title_similarity"):
+        tiny_rank_config(similarity_scale=5.0)
+    assert title_config(similarity_scale=5.0, device="auto", model=None).scoring_batch_size() == 256
+    assert tiny_rank_config().scoring_batch_size() == 4 and tiny_rank_config().scoring_device() == "cpu"
+    assert title_config(device="cuda").scoring_device() == "cpu"  # nothing to place on a GPU
+
+
+def test_a_verbalizer_run_saved_before_kinds_still_loads_and_resumes(tiny_rank_run: Path, tiny_rank_config,
+                                                                     tmp_path: Path) -> None:
+    from llamarec.manifest import record
+    from llamarec.ranking.ranker import Ranker
+
+    run = Path(shutil.copytree(tiny_rank_run, tmp_path / "old"))
+    config = json.loads((run / "rank_config.json").read_text())
+    for name in ("kind", "similarity_scale"):
+        del config[name]
+    (run / "rank_config.json").write_text(json.dumps(config))
+    record(run, run / "rank_config.json")
+    verify_ranker_run(run)
+    assert isinstance(load_ranker(run, _titles(run)), Ranker)
+    finetune_ranker(tiny_rank_config(), run, progress=False)  # the same config: resumes (finished)
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -121,7 +156,7 @@ def test_evaluation_scores_every_valid_user_and_tunes_the_fusion(title_run: Path
     assert results["scoring"]["ranker_scale"] == 10.0 and results["dtype"] == "float32"
     assert results["test"]["evaluated_users"] == results["test"]["valid_subset_users"]
     assert set(results["test"]["comparisons"]) == {"ranker_vs_retriever", "fusion_vs_retriever"}
-    for options in ({"zero_shot": True}, {"calibrate": True}, {"order": "shuffled"}):
+    for options in ({"zero_shot": True}, {"calibrate": True}, {"order": "shuffled"}, {"dtype": "bfloat16"}):
         with pytest.raises(LlamarecError, match="title_similarity"):
             evaluate_ranker(title_run, out=title_run / "other", **options)
 
@@ -130,11 +165,10 @@ def test_a_pipeline_run_serves_and_batch_scores_the_title_ranker(tiny_pipeline_v
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     from llamarec.pipeline import Recommender
     from llamarec.runner import PipelineConfig, run_pipeline
-    from llamarec.score import score
+    from llamarec.score import _run_settings, score
 
-    model = tiny_pipeline_values()["ranker"]["model"]
-    values = tiny_pipeline_values(ranker={"kind": "title_similarity", "model": model, "device": "cpu"},
-                                  evaluation={"limit": None})
+    values = tiny_pipeline_values(evaluation={"limit": None})
+    values["ranker"] = {"kind": "title_similarity", "model": values["ranker"]["model"], "device": "cpu"}
     run_pipeline(PipelineConfig.model_validate(values), tmp_path / "run", progress=False)
     report = (tmp_path / "run" / "report.md").read_text()
     assert "title similarity" in report
@@ -150,4 +184,17 @@ def test_a_pipeline_run_serves_and_batch_scores_the_title_ranker(tiny_pipeline_v
     table = score(moved, [("u1", history)], k=5)
     assert table["item_id"].tolist() == [item.item_id for item in result.items]
     np.testing.assert_allclose(table["ranker_score"], [item.ranker_score for item in result.items], rtol=1e-5)
-    assert (moved / RANKER_DIR / TITLE_VECTORS_FILE).is_file()
+    assert (moved / RANKER_DIR / TITLE_VECTORS_FILE).is_file() and _run_settings(moved)["batch_size"] == 256
+
+
+def test_rank_train_prints_the_title_rankers_summary(tiny_retriever_run: Path, tiny_llm_dir: Path, tmp_path: Path,
+                                                     run_llamarec) -> None:
+    proc = run_llamarec("rank", "train", "--retriever", str(tiny_retriever_run), "--out", str(tmp_path / "t"),
+                        "--kind", "title_similarity", "--model", str(tiny_llm_dir), "--device", "cpu", "--json",
+                        OMP_NUM_THREADS="1")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["title vectors"] == len(_titles(tmp_path / "t")) - 1 and summary["dimensions"] > 0
+    bad = run_llamarec("rank", "train", "--retriever", str(tiny_retriever_run), "--out", str(tmp_path / "u"),
+                       "--kind", "title_similarity", "--lr", "0.001", OMP_NUM_THREADS="1")
+    assert bad.returncode != 0 and bad.stderr.count("\n") == 1 and "lr: options of a verbalizer" in bad.stderr

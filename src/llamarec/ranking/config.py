@@ -14,6 +14,14 @@ from llamarec.layout import ADAPTER_DIR, PROMPT_FILE, RANK_CONFIG, TITLE_VECTORS
 from llamarec.ranking.prompt import PromptConfig
 
 RankerKind = Literal["verbalizer", "title_similarity"]
+TITLE_SIMILARITY_BATCH = 256
+"""Histories per scoring call of a title_similarity ranker (a matrix product, no LLM)."""
+VERBALIZER_ONLY = (
+    "dtype", "load_in_4bit", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "lora_layers", "full_layers",
+    "loss", "examples", "train_order", "recent_prefixes", "residual_weight", "residual_mode", "val_order",
+    "max_examples", "epochs", "batch_size", "length_buckets", "grad_accum", "lr", "warmup_steps", "eval_every",
+    "val_users", "patience", "autocast_bf16", "eval_batch_size", "seed")
+"""Options a title_similarity ranker does not use: it is not trained, and embeds in float32."""
 
 
 class RankConfig(BaseModel):
@@ -79,9 +87,13 @@ class RankConfig(BaseModel):
     seed: int = 42
 
     @model_validator(mode="after")
-    def _check_residual(self) -> RankConfig:
-        if self.kind == "title_similarity" and self.residual_weight > 0:
-            raise ValueError("residual_weight trains a verbalizer; a title_similarity ranker is not trained")
+    def _check_options(self) -> RankConfig:
+        changed = [name for name in VERBALIZER_ONLY if not self._default(name)]
+        if self.kind == "title_similarity" and changed:
+            raise ValueError(f"{', '.join(changed)}: options of a verbalizer ranker; a title_similarity ranker is "
+                             "not trained and embeds in float32 (drop them)")
+        if self.kind == "verbalizer" and not self._default("similarity_scale"):
+            raise ValueError("similarity_scale is an option of a title_similarity ranker (kind: title_similarity)")
         if self.residual_weight > 0 and self.loss != "letters":
             raise ValueError("residual_weight needs loss: letters (the residual is a softmax over the letters)")
         if self.full_layers is not None and (self.lora_layers is not None or self.load_in_4bit):
@@ -89,6 +101,17 @@ class RankConfig(BaseModel):
         if self.residual_mode == "delta" and (self.residual_weight <= 0 or self.full_layers is not None):
             raise ValueError("residual_mode: delta needs residual_weight > 0 and a LoRA adapter (no full_layers)")
         return self
+
+    def _default(self, name: str) -> bool:
+        return getattr(self, name) == type(self).model_fields[name].get_default(call_default_factory=True)
+
+    def scoring_batch_size(self) -> int:
+        """Histories per scoring call: prompts per forward pass for a verbalizer."""
+        return TITLE_SIMILARITY_BATCH if self.kind == "title_similarity" else self.eval_batch_size
+
+    def scoring_device(self) -> str:
+        """Where the ranker scores: a title_similarity ranker has no model to place on a GPU."""
+        return "cpu" if self.kind == "title_similarity" else self.device
 
     def prompt_config(self) -> PromptConfig:
         """The prompt options: ``prompt_file``'s, then those of ``prompt`` over them."""
@@ -120,9 +143,14 @@ def retriever_from_config(rank_dir: Path, saved: Path) -> Path:
     return saved if legacy and not inside.exists() and saved.exists() else inside
 
 
+def trained_artifact(kind: RankerKind) -> str:
+    """What training leaves in a ranker run: a verbalizer's adapter, or the title vectors."""
+    return ADAPTER_DIR if kind == "verbalizer" else TITLE_VECTORS_FILE
+
+
 def ranker_saved(rank_dir: Path) -> bool:
-    """Whether ``rank_dir`` holds a ranker to serve: a verbalizer's adapter or title vectors."""
-    return (rank_dir / ADAPTER_DIR).is_dir() or (rank_dir / TITLE_VECTORS_FILE).is_file()
+    """Whether ``rank_dir`` holds a trained ranker to serve (of the kind its config names)."""
+    return (rank_dir / trained_artifact(saved_kind(rank_dir))).exists()
 
 
 def saved_kind(rank_dir: Path) -> RankerKind:
@@ -141,8 +169,7 @@ def verify_ranker_run(rank_dir: Path, adapter: bool = True) -> None:
     from llamarec.manifest import verify
 
     verify(rank_dir, RANK_CONFIG)
-    trained = ADAPTER_DIR if saved_kind(rank_dir) == "verbalizer" else TITLE_VECTORS_FILE
-    verify(rank_dir, PROMPT_FILE, *((trained,) if adapter else ()))
+    verify(rank_dir, PROMPT_FILE, *((trained_artifact(saved_kind(rank_dir)),) if adapter else ()))
     if (rank_dir / PROMPT_FILE).is_file():
         read_json_config(PromptConfig, rank_dir / PROMPT_FILE)
 

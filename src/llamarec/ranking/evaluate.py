@@ -214,8 +214,8 @@ class RayScores(ChunkedScores):
                  dtype: str | None, workers: int, resume_dir: Path | None = None,
                  identity: dict | None = None) -> None:
         super().__init__(resume_dir)
-        device = cfg.device  # "auto" is decided by the cluster (score_ray.actor_device)
-        self.rank_dir, self.titles, self.batch_size = rank_dir, titles, cfg.eval_batch_size
+        device = cfg.scoring_device()  # "auto" is decided by the cluster (score_ray.actor_device)
+        self.rank_dir, self.titles, self.batch_size = rank_dir, titles, cfg.scoring_batch_size()
         self.options = {"zero_shot": zero_shot, "dtype": dtype, "device": device, "workers": workers}
         self.identity = identity or {}
         self.dtype = None  # known once the actors have loaded the ranker
@@ -291,9 +291,10 @@ def evaluate_ranker(rank_dir: Path, *, zero_shot: bool = False, order: Order = "
     verify_ranker_run(rank_dir, adapter=not zero_shot)
     cfg = read_rank_config(rank_dir)
     similarity = cfg.kind == "title_similarity"
-    if similarity and (zero_shot or calibrate or order != "retriever"):
-        raise LlamarecError(f"{rank_dir}: a title_similarity ranker reads no prompt, so zero-shot, --calibrate "
-                            "and candidate orders other than the retriever's do not apply to it")
+    if similarity and (zero_shot or calibrate or order != "retriever" or dtype is not None):
+        raise LlamarecError(f"{rank_dir}: a title_similarity ranker reads no prompt and runs in float32, so "
+                            "zero-shot, --calibrate, --dtype and candidate orders other than the retriever's do "
+                            "not apply to it")
     ds = load_run_dataset(cfg.retriever)
     max_history = read_prompt_config(rank_dir, cfg).max_history
     examples = {}
@@ -304,7 +305,8 @@ def evaluate_ranker(rank_dir: Path, *, zero_shot: bool = False, order: Order = "
             raise LlamarecError(f"{cfg.retriever}: no {split} user has the target among the candidates")
     all_val = evaluation_examples(ds, load_candidates(cfg.retriever, "val"), "val", max_history=max_history)
     residual = not zero_shot and cfg.residual_weight > 0
-    out = out or rank_dir / (f"eval-{'zero-shot' if zero_shot else 'finetuned'}-{order}"
+    kind = "title-similarity" if similarity else "zero-shot" if zero_shot else "finetuned"
+    out = out or rank_dir / (f"eval-{kind}-{order}"
                              + ("-calibrated" if calibrate else "") + (f"-{dtype}" if dtype else "")
                              + (f"-limit{limit}" if limit else ""))
     out.mkdir(parents=True, exist_ok=True)

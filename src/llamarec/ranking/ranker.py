@@ -228,7 +228,7 @@ def load_ranker(rank_dir: Path, titles: Sequence[str], *, zero_shot: bool = Fals
         from llamarec.ranking.title_similarity import load_title_ranker
 
         return load_title_ranker(rank_dir, titles, read_prompt_config(rank_dir, cfg).max_history,
-                                 batch_size or 256)
+                                 batch_size or cfg.scoring_batch_size())
     from llamarec.ranking.llm import load_llm
 
     model, tokenizer = load_llm(cfg.model, dtype=dtype or cfg.dtype, device=device or cfg.device,

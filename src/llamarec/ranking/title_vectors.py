@@ -8,6 +8,7 @@ ranker run has, and ``train_metrics.json``.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from llamarec.catalogue import Catalogue
 from llamarec.checkpoint import save_tensors
 from llamarec.configs import read_json_file
+from llamarec.errors import LlamarecError
 from llamarec.io import write_json
 from llamarec.layout import CATALOGUE_FILE, RANK_TRAIN_METRICS, TITLE_VECTORS_FILE
 from llamarec.manifest import record, verify
@@ -31,19 +33,17 @@ def embed_titles(titles: Sequence[str], model: torch.nn.Module, tokenizer: PreTr
     """``[len(titles), hidden]``: each title's mean last-layer hidden state, centred over the
     titles and scaled to unit length; row 0 (the padding item) stays zero.
 
-    Padding never enters a title's mean, and positions count from its first real token (a
-    model with absolute positions would otherwise see the batch's left padding), so a title's
-    vector does not depend on the batch it was embedded in."""
+    Padding never enters a title's mean, so a title's vector does not depend on the batch it
+    was embedded in (the supported models' rotary positions do not see the left padding's
+    shift)."""
     device = next(model.parameters()).device
     out = np.zeros((len(titles), model.config.hidden_size), dtype=np.float32)
     starts = range(1, len(titles), batch_size)
     with torch.no_grad():
         for start in tqdm(starts, desc="title vectors", unit="batch", disable=not progress):
             enc = tokenizer(list(titles[start:start + batch_size]), return_tensors="pt", padding=True).to(device)
-            mask = enc["attention_mask"]
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            hidden = model(**enc, position_ids=positions, output_hidden_states=True).hidden_states[-1].float()
-            weights = mask.unsqueeze(-1).float()
+            hidden = model(**enc, output_hidden_states=True).hidden_states[-1].float()
+            weights = enc["attention_mask"].unsqueeze(-1).float()
             mean = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
             out[start:start + len(mean)] = mean.cpu().numpy()
     if len(titles) > 1:
@@ -57,6 +57,9 @@ def build_title_ranker(cfg: RankConfig, out: Path, progress: bool = True) -> dic
     ``title_similarity``); a finished run with the same config is left as it is."""
     from llamarec.ranking.llm import load_llm
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise LlamarecError("a title_similarity ranker is built by one process: run `llamarec rank train` "
+                            "without torchrun or accelerate launch")
     out.mkdir(parents=True, exist_ok=True)
     check_rank_config(out, cfg, cfg.prompt_config())
     metrics_path = out / RANK_TRAIN_METRICS
