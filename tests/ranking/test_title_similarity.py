@@ -57,6 +57,14 @@ def test_title_vectors_are_centred_unit_rows_that_do_not_depend_on_the_batch(tin
     np.testing.assert_allclose(np.linalg.norm(batched[1:], axis=1), 1.0, atol=1e-5)
     # the padding of the batch of four must not reach the short titles' vectors
     np.testing.assert_allclose(batched, alone, atol=1e-4)
+    # the decoder alone gives the causal LM's last hidden states (after the final norm)
+    with torch.no_grad():
+        enc = tokenizer(titles[1:], return_tensors="pt", padding=True)
+        hidden = model(**enc, output_hidden_states=True).hidden_states[-1]
+    mask = enc["attention_mask"].unsqueeze(-1).float()
+    means = ((hidden * mask).sum(1) / mask.sum(1)).numpy()
+    means -= means.mean(0)
+    np.testing.assert_allclose(batched[1:], means / np.linalg.norm(means, axis=1, keepdims=True), atol=1e-5)
 
 
 def test_scores_are_the_dot_product_with_the_mean_of_the_last_items() -> None:

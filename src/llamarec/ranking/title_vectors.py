@@ -35,14 +35,16 @@ def embed_titles(titles: Sequence[str], model: torch.nn.Module, tokenizer: PreTr
 
     Padding never enters a title's mean, so a title's vector does not depend on the batch it
     was embedded in (the supported models' rotary positions do not see the left padding's
-    shift)."""
+    shift). Only the decoder runs: the LM head, a large share of a small model's compute
+    (Gemma 3 270M's 262k-token vocabulary), is not needed for hidden states."""
+    decoder = model.get_decoder()
     device = next(model.parameters()).device
     out = np.zeros((len(titles), model.config.hidden_size), dtype=np.float32)
     starts = range(1, len(titles), batch_size)
     with torch.no_grad():
         for start in tqdm(starts, desc="title vectors", unit="batch", disable=not progress):
             enc = tokenizer(list(titles[start:start + batch_size]), return_tensors="pt", padding=True).to(device)
-            hidden = model(**enc, output_hidden_states=True).hidden_states[-1].float()
+            hidden = decoder(**enc).last_hidden_state.float()
             weights = enc["attention_mask"].unsqueeze(-1).float()
             mean = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
             out[start:start + len(mean)] = mean.cpu().numpy()
