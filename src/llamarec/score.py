@@ -199,12 +199,13 @@ def _run_settings(run_dir: Path) -> dict:
     prompt = read_json_file(ranker / PROMPT_FILE) if (ranker / PROMPT_FILE).is_file() else {}
     config = read_json_file(ranker / RANK_CONFIG) if (ranker / RANK_CONFIG).is_file() else {}
     has_ranker = ranker_saved(ranker)
-    llm_batches = has_ranker and saved_kind(ranker) == "verbalizer"
+    kind = saved_kind(ranker) if has_ranker else None
     summary = _retriever_dir(run_dir) / CANDIDATES_SUMMARY
     try:
         n_candidates = int(read_json_file(summary)["k"]) if has_ranker and summary.is_file() else 20
         return {"max_history": int(prompt.get("max_history", 20)), "n_candidates": n_candidates,
-                "batch_size": int(config.get("eval_batch_size", 8)) if llm_batches else TITLE_SIMILARITY_BATCH}
+                "batch_size": int(config.get("eval_batch_size", 8)) if kind == "verbalizer"
+                else TITLE_SIMILARITY_BATCH if kind == "title_similarity" else 256}  # 256: the retriever alone
     except (KeyError, TypeError, ValueError) as exc:  # an edited or damaged file of the run
         raise LlamarecError(f"{run_dir}: cannot read the ranker's settings ({type(exc).__name__}: "
                             f"{' '.join(str(exc).split())[:160]}); its prompt.json, rank_config.json or "
